@@ -1,0 +1,53 @@
+# pg_changerelay: the two commands are `make run` and `make test`.
+PG_MAJOR    := 15
+PG_CONFIG   := /usr/lib/postgresql/$(PG_MAJOR)/bin/pg_config
+RUN_DIR     := $(CURDIR)/target/run-cluster
+RUN_PORT    ?= 5499
+TEST_DIR    := $(CURDIR)/target/test-cluster
+TEST_PORT   ?= 5498
+PGRX_DATA   := $(CURDIR)/target/pgrx-test-data
+PYTEST_ARGS ?=
+
+.PHONY: setup install run stop test test-unit test-pg test-integration fmt clean
+
+## Install toolchain and packages (idempotent).
+setup:
+	@scripts/setup.sh
+
+## Build (release) and install into the system PostgreSQL.
+install: setup
+	cargo pgrx install --release --pg-config $(PG_CONFIG)
+
+## Build, install, start a local cluster (127.0.0.1:$(RUN_PORT)) and show the plugin working.
+run: install
+	@scripts/cluster.sh start $(RUN_DIR) $(RUN_PORT)
+	@scripts/demo.sh $(RUN_PORT)
+
+## Stop the cluster `make run` started.
+stop:
+	@scripts/cluster.sh stop $(RUN_DIR)
+
+## Every test tier: pure unit tests, #[pg_test], integration tests on a real cluster.
+test: setup test-unit test-pg test-integration
+
+test-unit:
+	cargo test -p changerelay-core
+
+test-pg:
+	@mkdir -p $(PGRX_DATA) && chown postgres:postgres $(PGRX_DATA)
+	cargo pgrx test pg$(PG_MAJOR) --runas postgres --pgdata $(PGRX_DATA)
+
+test-integration:
+	cargo pgrx install --pg-config $(PG_CONFIG)
+	@scripts/cluster.sh stop $(TEST_DIR); rm -rf $(TEST_DIR)
+	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
+	@PGCR_PORT=$(TEST_PORT) PGCR_DATA=$(TEST_DIR) .venv/bin/pytest tests/integration $(PYTEST_ARGS); \
+	  status=$$?; scripts/cluster.sh stop $(TEST_DIR); exit $$status
+
+fmt:
+	cargo fmt --all
+
+clean:
+	-scripts/cluster.sh stop $(RUN_DIR)
+	-scripts/cluster.sh stop $(TEST_DIR)
+	cargo clean

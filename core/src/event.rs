@@ -1,0 +1,147 @@
+//! The event model: what one output message of the plugin says.
+//!
+//! Strings are `Cow` so the plugin can borrow them from Postgres memory while
+//! encoding, and the binary decoder can hand back owned copies.
+
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+
+/// One output message of the plugin.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Event<'a> {
+    Begin(TxnHeader),
+    Change(Change<'a>),
+    Truncate(Truncate<'a>),
+    Message(Message<'a>),
+    Metadata(MetadataEvent<'a>),
+    Commit(Commit<'a>),
+}
+
+/// What every record of one transaction shares.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnHeader {
+    pub xid: u32,
+    /// LSN of the commit record.
+    pub event_id: u64,
+    /// Commit time in microseconds since the Unix epoch.
+    pub commit_us: i64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Change<'a> {
+    pub txn: TxnHeader,
+    pub seq: u32,
+    pub op: Op,
+    pub schema: Cow<'a, str>,
+    pub table: Cow<'a, str>,
+    /// Replica identity columns; `None` when the table has no identity.
+    pub key: Option<Row<'a>>,
+    pub new: Option<Row<'a>>,
+    pub old: Option<Row<'a>>,
+    /// Columns whose TOASTed value did not change and so was not decoded.
+    pub unchanged_toast: Vec<Cow<'a, str>>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Truncate<'a> {
+    pub txn: TxnHeader,
+    pub seq: u32,
+    /// Schema-qualified names.
+    pub tables: Vec<Cow<'a, str>>,
+    pub cascade: bool,
+    pub restart_identity: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Message<'a> {
+    /// Present for transactional messages.
+    pub txn: Option<TxnHeader>,
+    pub lsn: u64,
+    pub prefix: Cow<'a, str>,
+    pub content: MessageContent<'a>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum MessageContent<'a> {
+    Text(Cow<'a, str>),
+    /// Content that is not valid UTF-8.
+    Bytes(Cow<'a, [u8]>),
+}
+
+/// A `changerelay.metadata` message: `json` is one JSON object, verbatim.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MetadataEvent<'a> {
+    pub txn: TxnHeader,
+    pub json: Cow<'a, str>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Commit<'a> {
+    pub txn: TxnHeader,
+    /// Change records (insert/update/delete/truncate) this stream emitted.
+    pub changes: u32,
+    /// The transaction's metadata objects merged, later keys winning.
+    pub metadata: Option<Cow<'a, str>>,
+}
+
+pub type Row<'a> = Vec<Column<'a>>;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Column<'a> {
+    pub name: Cow<'a, str>,
+    pub value: Value<'a>,
+}
+
+/// A column value typed as far as JSON can carry it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Scalar(Scalar<'a>),
+    /// An array: `dims` are the lengths of each dimension (empty for an
+    /// empty array), `elems` the elements in row-major order. Elements are
+    /// scalars, so a frame can not nest deeper than this.
+    Array {
+        dims: Vec<u32>,
+        elems: Vec<Scalar<'a>>,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Scalar<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    /// float4, kept as f32 so it prints as Postgres prints it.
+    /// Non-finite floats are written as the strings "NaN", "Infinity", "-Infinity".
+    Float4(f32),
+    Float(f64),
+    /// numeric, as its exact text.
+    Numeric(Cow<'a, str>),
+    /// json or jsonb text, embedded as JSON.
+    Json(Cow<'a, str>),
+    /// Any other type: its text output.
+    Text(Cow<'a, str>),
+}
+
+impl<'a> Value<'a> {
+    pub const NULL: Value<'static> = Value::Scalar(Scalar::Null);
+}
+
+/// Most dimensions a Postgres array can have (MAXDIM).
+pub const MAX_ARRAY_DIMS: usize = 6;

@@ -1,0 +1,18 @@
+//! Pure-Rust core of pg_changerelay.
+//!
+//! Nothing in this crate links against Postgres: it holds the event model,
+//! the JSON and binary encoders, the binary decoder, output-plugin option
+//! parsing and time/LSN formatting, so all of it is tested with plain
+//! `cargo test -p changerelay-core`.
+#![deny(unsafe_code)]
+
+pub mod binary;
+pub mod event;
+pub mod json;
+pub mod lsn;
+pub mod metadata;
+pub mod options;
+pub mod tables;
+pub mod time;
+
+pub use event::{Change, Column, Commit, Event, Message, Op, Row, Scalar, TxnHeader, Value};

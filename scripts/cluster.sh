@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Starts or stops a local PostgreSQL cluster for pg_changerelay, run as the
+# `postgres` user on loopback, with wal_level=logical and the library
+# preloaded.
+#
+#   scripts/cluster.sh start DIR PORT     initdb if needed, configure, start
+#   scripts/cluster.sh stop DIR           fast shutdown
+#   scripts/cluster.sh restart-immediate DIR   crash-like stop, then start
+#
+# PostgreSQL 15.19 and later only load output plugins listed in the
+# superuser setting output_plugin_libraries; older minors refuse to start
+# when it is set, so it is added only when this server knows it.
+set -euo pipefail
+
+cmd=${1:?usage: cluster.sh start|stop|restart-immediate DIR [PORT]}
+dir=${2:?data directory}
+PGBIN=$(pg_config --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)
+[ -x "$PGBIN/pg_ctl" ] || PGBIN=/usr/lib/postgresql/15/bin
+OS_USER=postgres
+
+as_pg() {
+  if [ "$(id -un)" = "$OS_USER" ]; then "$@"; else sudo -u "$OS_USER" -- "$@"; fi
+}
+
+server_knows() {
+  as_pg "$PGBIN/postgres" --describe-config 2>/dev/null | cut -f1 | grep -x "$1" >/dev/null
+}
+
+configure() {
+  local port=$1
+  cat >>"$dir/postgresql.conf" <<CONF
+
+# --- pg_changerelay test/dev cluster ---
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '/tmp'
+wal_level = logical
+max_replication_slots = 16
+max_wal_senders = 16
+shared_preload_libraries = 'pg_changerelay'
+fsync = off
+full_page_writes = off
+synchronous_commit = on
+log_min_messages = warning
+log_line_prefix = '%m [%p] %b '
+CONF
+  if server_knows output_plugin_libraries; then
+    echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json, pg_changerelay'" >>"$dir/postgresql.conf"
+  fi
+}
+
+case "$cmd" in
+  start)
+    port=${3:?port}
+    mkdir -p "$dir"
+    chown "$OS_USER:$OS_USER" "$dir" 2>/dev/null || true
+    chmod 700 "$dir"
+    if [ ! -f "$dir/PG_VERSION" ]; then
+      as_pg "$PGBIN/initdb" -D "$dir" -U postgres -A trust -E UTF8 --locale=C --no-sync >/dev/null
+      configure "$port"
+    fi
+    if as_pg "$PGBIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+      echo "cluster in $dir already running"
+    else
+      as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+      echo "cluster in $dir listening on 127.0.0.1:$port"
+    fi
+    ;;
+  stop)
+    if [ -f "$dir/postmaster.pid" ]; then
+      as_pg "$PGBIN/pg_ctl" -D "$dir" -m fast -w -t 60 stop >/dev/null || true
+    fi
+    ;;
+  restart-immediate)
+    as_pg "$PGBIN/pg_ctl" -D "$dir" -m immediate -w stop >/dev/null
+    as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+    ;;
+  *)
+    echo "unknown command $cmd" >&2
+    exit 2
+    ;;
+esac

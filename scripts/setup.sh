@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs everything pg_changerelay needs to build, test and run, skipping
+# what is already there: Debian packages, cargo-pgrx 0.18.0, `cargo pgrx init`
+# against the system pg_config, and a Python virtualenv for the test clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_MAJOR=15
+PGRX_VERSION=0.18.0
+PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib libclang-dev clang sudo
+          postgresql-$PG_MAJOR-wal2json python3-venv)
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+  log "installing cargo-pgrx $PGRX_VERSION (takes several minutes)"
+  cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
+[ -x "$PG_CONFIG" ] || PG_CONFIG=/usr/bin/pg_config
+PGRX_HOME=${PGRX_HOME:-$HOME/.pgrx}
+if ! grep -qs "^pg$PG_MAJOR = \"$PG_CONFIG\"" "$PGRX_HOME/config.toml"; then
+  log "cargo pgrx init --pg$PG_MAJOR $PG_CONFIG"
+  cargo pgrx init --pg$PG_MAJOR "$PG_CONFIG"
+fi
+
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, websockets' 2>/dev/null; then
+  log "creating .venv with the test clients"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+fi
+log "ready"

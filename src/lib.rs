@@ -1,0 +1,55 @@
+//! pg_changerelay: realtime change feeds out of PostgreSQL.
+//!
+//! This crate is the thin Postgres-facing layer. Everything that can be
+//! written without Postgres (event model, encoders, option parsing) lives in
+//! the `changerelay-core` crate and is tested with plain `cargo test`.
+//!
+//! * [`plugin`]: the logical decoding output plugin `pg_changerelay`.
+//! * [`sql`]: SQL functions in schema `changerelay`.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use pgrx::prelude::*;
+
+mod errors;
+mod plugin;
+mod sql;
+
+::pgrx::pg_module_magic!(name, version);
+
+/// Prefix of every setting this extension defines.
+pub const GUC_PREFIX: &std::ffi::CStr = c"changerelay";
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    reserve_guc_prefix();
+}
+
+fn reserve_guc_prefix() {
+    // SAFETY: called from _PG_init on the main thread with a static C string.
+    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(GUC_PREFIX.as_ptr());
+    }
+    // SAFETY: as above; the pre-15 spelling of the same thing.
+    #[cfg(any(feature = "pg13", feature = "pg14"))]
+    unsafe {
+        pg_sys::EmitWarningsOnPlaceholders(GUC_PREFIX.as_ptr());
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    // The SQL functions' #[pg_test]s live next to them in `sql`.
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["wal_level = logical", "shared_preload_libraries = 'pg_changerelay'"]
+    }
+}

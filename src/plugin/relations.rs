@@ -1,0 +1,325 @@
+//! Per-relation cache for the output plugin: qualified names, whether the
+//! `tables` option includes the relation, identity columns and each column's
+//! output function, so a change costs no catalog lookups.
+//!
+//! Entries are marked stale by a relcache invalidation callback and rebuilt on
+//! next use (never freed inside the callback, which can run in the middle of a
+//! change). Each entry's output functions live in their own memory context,
+//! a child of the decoding context, deleted when the entry is rebuilt.
+
+use changerelay_core::tables::TableFilter;
+use pgrx::pg_sys;
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+
+/// How a column's value becomes JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Float4,
+    Float8,
+    Numeric,
+    Json,
+    Array,
+    Text,
+}
+
+pub struct ElemInfo {
+    pub typid: pg_sys::Oid,
+    pub typlen: i16,
+    pub byval: bool,
+    pub align: std::ffi::c_char,
+    pub kind: Kind,
+    pub out: Box<pg_sys::FmgrInfo>,
+}
+
+pub struct ColumnInfo {
+    pub name: String,
+    pub dropped: bool,
+    pub varlena: bool,
+    pub kind: Kind,
+    pub out: Box<pg_sys::FmgrInfo>,
+    pub elem: Option<ElemInfo>,
+}
+
+pub struct RelInfo {
+    valid: bool,
+    cxt: pg_sys::MemoryContext,
+    pub schema: String,
+    pub table: String,
+    pub included: bool,
+    pub columns: Vec<ColumnInfo>,
+    /// Indexes into `columns` of the replica identity (or primary key).
+    pub key_attrs: Vec<usize>,
+    pub replident_full: bool,
+}
+
+impl RelInfo {
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+}
+
+pub struct RelationCache {
+    parent: pg_sys::MemoryContext,
+    map: HashMap<pg_sys::Oid, RelInfo>,
+}
+
+/// The cache the invalidation callback marks; null when no decoding runs.
+static ACTIVE: AtomicPtr<RelationCache> = AtomicPtr::new(std::ptr::null_mut());
+static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+impl RelationCache {
+    pub fn new(parent: pg_sys::MemoryContext) -> Self {
+        RelationCache {
+            parent,
+            map: HashMap::new(),
+        }
+    }
+
+    /// Makes this cache the one relcache invalidations mark. `self` must not
+    /// move afterwards (it lives inside the boxed plugin state).
+    pub fn activate(&mut self) {
+        ACTIVE.store(self, Ordering::Release);
+        if !CALLBACK_REGISTERED.swap(true, Ordering::AcqRel) {
+            // SAFETY: registering a callback with a function of the right
+            // signature; it stays valid for the life of the backend.
+            unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0usize)) };
+        }
+    }
+
+    /// Stops this cache from receiving invalidations (it is being dropped).
+    pub fn deactivate(&mut self) {
+        let me: *mut RelationCache = self;
+        let _ = ACTIVE.compare_exchange(me, std::ptr::null_mut(), Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The cached entry for `rel`, built or rebuilt when missing or stale.
+    ///
+    /// # Safety
+    /// `rel` must be the open relation passed to a decoding callback, and the
+    /// current memory context must be one that is reset after the callback.
+    pub unsafe fn get(&mut self, rel: pg_sys::Relation, filter: Option<&TableFilter>) -> &RelInfo {
+        // SAFETY: `rel` is open for the duration of the callback.
+        let (relid, natts) = unsafe { ((*rel).rd_id, (*(*rel).rd_att).natts as usize) };
+        let fresh = self
+            .map
+            .get(&relid)
+            .is_some_and(|info| info.valid && info.columns.len() == natts);
+        if !fresh {
+            if let Some(old) = self.map.remove(&relid) {
+                // SAFETY: nothing refers to the stale entry's functions any more.
+                unsafe { pg_sys::MemoryContextDelete(old.cxt) };
+            }
+            // SAFETY: forwarded from the caller.
+            let info = unsafe { build(rel, self.parent, filter) };
+            self.map.insert(relid, info);
+        }
+        match self.map.get(&relid) {
+            Some(info) => info,
+            None => unreachable!("entry inserted above"),
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let cache = ACTIVE.load(Ordering::Acquire);
+    if cache.is_null() {
+        return;
+    }
+    // SAFETY: ACTIVE is cleared before the cache is dropped, and callbacks run
+    // on the main thread only, so the pointer is live and not aliased mutably
+    // by code running right now (entries are only marked, never removed here).
+    let cache = unsafe { &mut *cache };
+    if relid == pg_sys::InvalidOid {
+        cache.map.values_mut().for_each(|info| info.valid = false);
+    } else if let Some(info) = cache.map.get_mut(&relid) {
+        info.valid = false;
+    }
+}
+
+/// # Safety
+/// As for [`RelationCache::get`].
+unsafe fn build(rel: pg_sys::Relation, parent: pg_sys::MemoryContext, filter: Option<&TableFilter>) -> RelInfo {
+    // SAFETY: `rel` and its rd_rel/rd_att are valid while the relation is open;
+    // the catalog lookups run under the decoding snapshot set up by Postgres.
+    unsafe {
+        let cxt = pg_sys::AllocSetContextCreateInternal(
+            parent,
+            c"pg_changerelay relation".as_ptr(),
+            pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+            pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+        );
+        let form = (*rel).rd_rel;
+        let schema = cstr_to_string(pg_sys::get_namespace_name((*form).relnamespace));
+        let table = cstr_to_string((*form).relname.data.as_ptr());
+        let included = filter.is_none_or(|f| f.matches(&schema, &table));
+        let tupdesc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let mut columns = Vec::with_capacity(tupdesc.len());
+        for i in 0..tupdesc.len() {
+            let Some(att) = tupdesc.get(i) else { continue };
+            columns.push(column_info(att, cxt));
+        }
+        let replident = (*form).relreplident as u8;
+        let replident_full = replident == pg_sys::REPLICA_IDENTITY_FULL;
+        let key_attrs = key_attributes(rel, replident, &columns);
+        RelInfo {
+            valid: true,
+            cxt,
+            schema,
+            table,
+            included,
+            columns,
+            key_attrs,
+            replident_full,
+        }
+    }
+}
+
+/// # Safety
+/// `att` must be a live attribute of an open relation.
+unsafe fn column_info(att: &pg_sys::FormData_pg_attribute, cxt: pg_sys::MemoryContext) -> ColumnInfo {
+    // SAFETY: NameData is NUL-terminated.
+    let name = unsafe { cstr_to_string(att.attname.data.as_ptr()) };
+    if att.attisdropped {
+        return ColumnInfo {
+            name,
+            dropped: true,
+            varlena: false,
+            kind: Kind::Text,
+            out: Box::new(pg_sys::FmgrInfo::default()),
+            elem: None,
+        };
+    }
+    // SAFETY: catalog lookups for a type that exists (the column uses it).
+    let (out, kind) = unsafe { output_function(att.atttypid, cxt) };
+    let elem = if kind == Kind::Array {
+        // SAFETY: as above.
+        unsafe { element_info(att.atttypid, cxt) }
+    } else {
+        None
+    };
+    // A true array whose element type could not be described falls back to text.
+    let kind = if kind == Kind::Array && elem.is_none() {
+        Kind::Text
+    } else {
+        kind
+    };
+    ColumnInfo {
+        name,
+        dropped: false,
+        varlena: att.attlen == -1,
+        kind,
+        out,
+        elem,
+    }
+}
+
+/// # Safety
+/// `typid` must name an existing type.
+unsafe fn output_function(typid: pg_sys::Oid, cxt: pg_sys::MemoryContext) -> (Box<pg_sys::FmgrInfo>, Kind) {
+    let mut foid = pg_sys::InvalidOid;
+    let mut is_varlena = false;
+    let mut out = Box::new(pg_sys::FmgrInfo::default());
+    // SAFETY: out-parameters point to locals; the FmgrInfo is boxed so its
+    // address is stable, and its extra state is allocated in `cxt`.
+    unsafe {
+        pg_sys::getTypeOutputInfo(typid, &mut foid, &mut is_varlena);
+        pg_sys::fmgr_info_cxt(foid, &mut *out, cxt);
+    }
+    // SAFETY: as above.
+    let base = unsafe { pg_sys::getBaseType(typid) };
+    let kind = match base {
+        pg_sys::BOOLOID => Kind::Bool,
+        pg_sys::INT2OID => Kind::Int2,
+        pg_sys::INT4OID => Kind::Int4,
+        pg_sys::INT8OID => Kind::Int8,
+        pg_sys::FLOAT4OID => Kind::Float4,
+        pg_sys::FLOAT8OID => Kind::Float8,
+        pg_sys::NUMERICOID => Kind::Numeric,
+        pg_sys::JSONOID | pg_sys::JSONBOID => Kind::Json,
+        // SAFETY: as above.
+        _ if unsafe { pg_sys::get_element_type(base) } != pg_sys::InvalidOid => Kind::Array,
+        _ => Kind::Text,
+    };
+    (out, kind)
+}
+
+/// # Safety
+/// `array_typid` must name an existing array type (or a domain over one).
+unsafe fn element_info(array_typid: pg_sys::Oid, cxt: pg_sys::MemoryContext) -> Option<ElemInfo> {
+    // SAFETY: catalog lookups for existing types; out-parameters are locals.
+    unsafe {
+        let typid = pg_sys::get_element_type(pg_sys::getBaseType(array_typid));
+        if typid == pg_sys::InvalidOid {
+            return None;
+        }
+        let (mut typlen, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        pg_sys::get_typlenbyvalalign(typid, &mut typlen, &mut byval, &mut align);
+        let (out, kind) = output_function(typid, cxt);
+        let kind = if kind == Kind::Array { Kind::Text } else { kind };
+        Some(ElemInfo {
+            typid,
+            typlen,
+            byval,
+            align,
+            kind,
+            out,
+        })
+    }
+}
+
+/// Identity columns: the replica identity index for DEFAULT/INDEX, else the
+/// primary key, else (FULL without a key) every column.
+///
+/// # Safety
+/// `rel` must be open.
+unsafe fn key_attributes(rel: pg_sys::Relation, replident: u8, columns: &[ColumnInfo]) -> Vec<usize> {
+    // SAFETY: `rel` is open; the bitmaps are allocated in the current context.
+    let bitmap = unsafe {
+        let identity = match replident {
+            pg_sys::REPLICA_IDENTITY_DEFAULT | pg_sys::REPLICA_IDENTITY_INDEX => {
+                pg_sys::RelationGetIdentityKeyBitmap(rel)
+            }
+            _ => std::ptr::null_mut(),
+        };
+        if identity.is_null() {
+            pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY)
+        } else {
+            identity
+        }
+    };
+    let mut attrs = Vec::new();
+    let mut member = -1;
+    loop {
+        // SAFETY: bms_next_member accepts a null set.
+        member = unsafe { pg_sys::bms_next_member(bitmap, member) };
+        if member < 0 {
+            break;
+        }
+        let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
+        if attnum >= 1 {
+            attrs.push((attnum - 1) as usize);
+        }
+    }
+    if attrs.is_empty() && replident == pg_sys::REPLICA_IDENTITY_FULL {
+        attrs = (0..columns.len()).filter(|&i| !columns[i].dropped).collect();
+    }
+    attrs
+}
+
+/// # Safety
+/// `p` must be null or a NUL-terminated string.
+pub unsafe fn cstr_to_string(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}

@@ -1,0 +1,3 @@
+//! SQL functions in schema `changerelay`.
+
+mod metadata;

@@ -1,0 +1,81 @@
+"""Shared fixtures: a real cluster started by `make test-integration`."""
+import json
+import os
+import uuid
+
+import psycopg
+import pytest
+
+PORT = int(os.environ.get("PGCR_PORT", "5498"))
+DATA = os.environ.get("PGCR_DATA", "")
+DSN = f"host=127.0.0.1 port={PORT} user=postgres dbname=postgres"
+
+
+def connect(**kw):
+    return psycopg.connect(DSN, autocommit=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def admin():
+    with connect() as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_changerelay")
+        yield conn
+
+
+@pytest.fixture
+def db(admin):
+    with connect() as conn:
+        yield conn
+
+
+class Slot:
+    """A logical slot using the pg_changerelay plugin, dropped after the test."""
+
+    def __init__(self, conn, plugin="pg_changerelay", name=None):
+        self.conn = conn
+        self.name = name or "t_" + uuid.uuid4().hex[:12]
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (self.name, plugin))
+
+    @staticmethod
+    def _args(opts):
+        flat = []
+        for k, v in opts.items():
+            flat += [k, str(v).lower() if isinstance(v, bool) else str(v)]
+        return flat
+
+    def peek_raw(self, **opts):
+        return [r[0] for r in self.conn.execute(
+            "SELECT data FROM pg_logical_slot_peek_changes(%s, NULL, NULL, VARIADIC %s::text[])",
+            (self.name, self._args(opts))).fetchall()]
+
+    def peek(self, **opts):
+        return [json.loads(d) for d in self.peek_raw(**opts)]
+
+    def get(self, **opts):
+        rows = [r[0] for r in self.conn.execute(
+            "SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL, VARIADIC %s::text[])",
+            (self.name, self._args(opts))).fetchall()]
+        return [json.loads(d) for d in rows]
+
+    def peek_binary(self, **opts):
+        opts = {"format": "binary", **opts}
+        return [bytes(r[0]) for r in self.conn.execute(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, VARIADIC %s::text[])",
+            (self.name, self._args(opts))).fetchall()]
+
+    def drop(self):
+        self.conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+            (self.name,))
+
+
+@pytest.fixture
+def slot(db):
+    s = Slot(db)
+    yield s
+    s.drop()
+
+
+def rows(events, *types):
+    types = types or ("insert", "update", "delete", "truncate")
+    return [e for e in events if e["type"] in types]

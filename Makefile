@@ -8,7 +8,7 @@ TEST_PORT   ?= 5498
 PGRX_DATA   := $(CURDIR)/target/pgrx-test-data
 PYTEST_ARGS ?=
 
-.PHONY: setup install run stop test test-unit test-pg test-integration fmt clean
+.PHONY: setup install run stop test test-unit test-pg test-integration bench-decode fmt clean
 
 ## Install toolchain and packages (idempotent).
 setup:
@@ -43,6 +43,13 @@ test-integration:
 	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
 	@PGCR_PORT=$(TEST_PORT) PGCR_DATA=$(TEST_DIR) .venv/bin/pytest tests/integration $(PYTEST_ARGS); \
 	  status=$$?; scripts/cluster.sh stop $(TEST_DIR); exit $$status
+
+## Decoding throughput next to wal2json, test_decoding and pgoutput (ROWS=600000 for >1M changes).
+ROWS ?= 100000
+bench-decode: install
+	@scripts/cluster.sh start $(RUN_DIR) $(RUN_PORT)
+	@mkdir -p bench/out
+	PGCR_PORT=$(RUN_PORT) .venv/bin/python bench/decode_throughput.py --rows $(ROWS) --json-out bench/out/decode.json
 
 fmt:
 	cargo fmt --all

@@ -1,0 +1,111 @@
+"""Decoding throughput, side by side: the same WAL decoded by every plugin.
+
+Creates one slot per plugin, writes the workload once (inserts, updates,
+deletes over a ten-column table of mixed types), then times
+pg_logical_slot_peek_changes / peek_binary_changes on each slot (best of
+--repeat runs). Reports rows/s, bytes, and the ratio to wal2json.
+
+Not a test: nothing here passes or fails.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import psycopg
+
+PLUGINS = [
+    # name, plugin, function, options
+    ("pg_changerelay json", "pg_changerelay", "pg_logical_slot_peek_changes", []),
+    ("pg_changerelay binary", "pg_changerelay", "pg_logical_slot_peek_binary_changes", ["format", "binary"]),
+    ("wal2json v2", "wal2json", "pg_logical_slot_peek_changes", ["format-version", "2"]),
+    ("test_decoding", "test_decoding", "pg_logical_slot_peek_changes", []),
+    ("pgoutput v1", "pgoutput", "pg_logical_slot_peek_binary_changes",
+     ["proto_version", "1", "publication_names", "bench_pub"]),
+]
+
+TABLE = """CREATE TABLE bench_t (
+    id bigint PRIMARY KEY, name text, price numeric(12,2), qty int, ratio float8,
+    active bool, created timestamptz, doc jsonb, tags text[], note varchar(64))"""
+
+
+def write_workload(conn, rows, batch):
+    conn.execute("DROP TABLE IF EXISTS bench_t")
+    conn.execute(TABLE)
+    conn.execute("DROP PUBLICATION IF EXISTS bench_pub")
+    conn.execute("CREATE PUBLICATION bench_pub FOR TABLE bench_t")
+    slots = []
+    for i, (name, plugin, _, _) in enumerate(PLUGINS):
+        slot = f"bench_{i}"
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, plugin))
+        slots.append(slot)
+    changed = 0
+    for lo in range(0, rows, batch):
+        hi = min(rows, lo + batch) - 1
+        conn.execute("""INSERT INTO bench_t SELECT g, 'name ' || g, (g %% 100000) / 100.0, g %% 1000, g / 7.0,
+                          g %% 2 = 0, '2026-01-01'::timestamptz + g * interval '1 second',
+                          jsonb_build_object('g', g, 'tag', 'x' || (g %% 10)), ARRAY['a' || g %% 5, 'b'],
+                          'note ' || g FROM generate_series(%s::bigint, %s::bigint) g""", (lo, hi))
+        changed += hi - lo + 1
+    for lo in range(0, rows // 2, batch):
+        hi = min(rows // 2, lo + batch) - 1
+        conn.execute("UPDATE bench_t SET qty = qty + 1, ratio = ratio * 2 WHERE id BETWEEN %s AND %s", (lo, hi))
+        changed += hi - lo + 1
+    for lo in range(rows // 2, rows // 2 + rows // 4, batch):
+        hi = min(rows // 2 + rows // 4, lo + batch) - 1
+        conn.execute("DELETE FROM bench_t WHERE id BETWEEN %s AND %s", (lo, hi))
+        changed += hi - lo + 1
+    return slots, changed
+
+
+def time_decode(conn, slot, function, options, repeat):
+    best, out = None, None
+    args = ", ".join(["%s"] * len(options))
+    sql = f"SELECT count(*), coalesce(sum(octet_length(data)), 0) FROM {function}(%s, NULL, NULL{', ' if options else ''}{args})"
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = conn.execute(sql, [slot, *options]).fetchone()
+        elapsed = time.perf_counter() - start
+        best = elapsed if best is None else min(best, elapsed)
+    return best, out[0], out[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dsn", default=f"host=127.0.0.1 port={os.environ.get('PGCR_PORT', '5499')} user=postgres dbname=postgres")
+    ap.add_argument("--rows", type=int, default=600_000, help="rows inserted; updates touch half, deletes a quarter")
+    ap.add_argument("--batch", type=int, default=10_000, help="rows per transaction")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json-out")
+    a = ap.parse_args()
+    with psycopg.connect(a.dsn, autocommit=True) as conn:
+        conn.execute("SET work_mem = '256MB'")
+        slots, changed = write_workload(conn, a.rows, a.batch)
+        results = []
+        try:
+            for (name, _, function, options), slot in zip(PLUGINS, slots):
+                secs, messages, nbytes = time_decode(conn, slot, function, options, a.repeat)
+                results.append({"plugin": name, "seconds": secs, "messages": messages, "bytes": nbytes,
+                                "rows_per_second": changed / secs})
+                print(f"  {name:24} {secs:8.3f} s  {changed / secs:12,.0f} rows/s  {nbytes:14,} bytes", file=sys.stderr)
+        finally:
+            for slot in slots:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    base = next(r for r in results if r["plugin"] == "wal2json v2")
+    print(f"\nDecoding {changed:,} changed rows (peek, best of {a.repeat}):\n")
+    print("| plugin | rows/s | x wal2json | bytes | bytes vs wal2json |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        r["ratio_rows_per_second"] = r["rows_per_second"] / base["rows_per_second"]
+        r["ratio_bytes"] = r["bytes"] / base["bytes"]
+        print(f"| {r['plugin']} | {r['rows_per_second']:,.0f} | {r['ratio_rows_per_second']:.2f} | "
+              f"{r['bytes']:,} | {r['ratio_bytes']:.2f} |")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump({"changed_rows": changed, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

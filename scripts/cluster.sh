@@ -7,6 +7,9 @@
 #   scripts/cluster.sh stop DIR           fast shutdown
 #   scripts/cluster.sh restart-immediate DIR   crash-like stop, then start
 #
+# EXTRA_CONF (newline-separated settings) is appended to postgresql.conf
+# when the cluster is created.
+#
 # PostgreSQL 15.19 and later only load output plugins listed in the
 # superuser setting output_plugin_libraries; older minors refuse to start
 # when it is set, so it is added only when this server knows it.
@@ -46,6 +49,10 @@ log_line_prefix = '%m [%p] %b '
 CONF
   if server_knows output_plugin_libraries; then
     echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json, pg_changerelay'" >>"$dir/postgresql.conf"
+  fi
+  # Extra settings (one per line), appended last so they win.
+  if [ -n "${EXTRA_CONF:-}" ]; then
+    printf '%s\n' "$EXTRA_CONF" >>"$dir/postgresql.conf"
   fi
 }
 

@@ -11,8 +11,11 @@
 use pgrx::prelude::*;
 
 mod errors;
+mod gucs;
 mod plugin;
+mod shmem;
 mod sql;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -21,7 +24,15 @@ pub const GUC_PREFIX: &std::ffi::CStr = c"changerelay";
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: reading a postmaster global from _PG_init.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    gucs::define(preloading);
     reserve_guc_prefix();
+    if preloading {
+        shmem::install(gucs::max_labels(), gucs::max_tracked_rows());
+        shmem::register_wakeup();
+        worker::register();
+    }
 }
 
 fn reserve_guc_prefix() {

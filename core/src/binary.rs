@@ -131,6 +131,12 @@ mod tests {
             ]),
             old: None,
             unchanged_toast: vec![],
+            tracking: Some(Tracking {
+                label: "l".into(),
+                identifier: Some("1".into()),
+                old_identifier: None,
+                unknown_identifier: false,
+            }),
         })
     }
 

@@ -57,6 +57,21 @@ pub struct Change<'a> {
     pub old: Option<Row<'a>>,
     /// Columns whose TOASTed value did not change and so was not decoded.
     pub unchanged_toast: Vec<Cow<'a, str>>,
+    /// With the `tracked` option: how the relay worker files this change.
+    pub tracking: Option<Tracking<'a>>,
+}
+
+/// Where a change of a tracked table lands in the version map.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Tracking<'a> {
+    pub label: Cow<'a, str>,
+    /// The row's identifier (the value of the identifier column, as text).
+    pub identifier: Option<Cow<'a, str>>,
+    /// For an update that changed the identifier: the old one.
+    pub old_identifier: Option<Cow<'a, str>>,
+    /// The row's identifier could not be read (a delete whose old row does
+    /// not carry the identifier column): every row of the label must move.
+    pub unknown_identifier: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -67,6 +82,8 @@ pub struct Truncate<'a> {
     pub tables: Vec<Cow<'a, str>>,
     pub cascade: bool,
     pub restart_identity: bool,
+    /// With the `tracked` option: labels of the truncated tables.
+    pub labels: Vec<Cow<'a, str>>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -102,6 +119,20 @@ pub struct Commit<'a> {
 }
 
 pub type Row<'a> = Vec<Column<'a>>;
+
+impl<'a> Scalar<'a> {
+    /// The text an identifier column's value is filed under (`None` for NULL).
+    pub fn identifier_text(&self) -> Option<Cow<'a, str>> {
+        match self {
+            Scalar::Null => None,
+            Scalar::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+            Scalar::Int(i) => Some(Cow::Owned(i.to_string())),
+            Scalar::Float4(f) => Some(Cow::Owned(f.to_string())),
+            Scalar::Float(f) => Some(Cow::Owned(f.to_string())),
+            Scalar::Numeric(t) | Scalar::Json(t) | Scalar::Text(t) => Some(t.clone()),
+        }
+    }
+}
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Column<'a> {

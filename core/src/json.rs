@@ -96,6 +96,21 @@ fn write_change(c: &Change<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(b",\"old\":");
         write_row(row, out);
     }
+    if let Some(t) = &c.tracking {
+        out.extend_from_slice(b",\"label\":");
+        write_str(&t.label, out);
+        if let Some(id) = &t.identifier {
+            out.extend_from_slice(b",\"identifier\":");
+            write_str(id, out);
+        }
+        if let Some(id) = &t.old_identifier {
+            out.extend_from_slice(b",\"old_identifier\":");
+            write_str(id, out);
+        }
+        if t.unknown_identifier {
+            out.extend_from_slice(b",\"unknown_identifier\":true");
+        }
+    }
     if !c.unchanged_toast.is_empty() {
         out.extend_from_slice(b",\"unchanged_toast\":[");
         for (i, name) in c.unchanged_toast.iter().enumerate() {
@@ -129,6 +144,16 @@ fn write_truncate(t: &Truncate<'_>, out: &mut Vec<u8>) {
     push_bool(out, t.cascade);
     out.extend_from_slice(b",\"restart_identity\":");
     push_bool(out, t.restart_identity);
+    if !t.labels.is_empty() {
+        out.extend_from_slice(b",\"labels\":[");
+        for (i, label) in t.labels.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(label, out);
+        }
+        out.push(b']');
+    }
     out.push(b'}');
 }
 
@@ -420,6 +445,7 @@ mod tests {
             ]),
             old: None,
             unchanged_toast: vec!["big".into()],
+            tracking: None,
         };
         let j = parse(&Event::Change(change));
         assert_eq!(
@@ -445,8 +471,18 @@ mod tests {
             new: None,
             old: None,
             unchanged_toast: vec![],
+            tracking: Some(Tracking {
+                label: "parameters".into(),
+                identifier: Some("WAFCONFIG".into()),
+                old_identifier: None,
+                unknown_identifier: true,
+            }),
         };
         let j = parse(&Event::Change(change));
+        assert_eq!(j["label"], "parameters");
+        assert_eq!(j["identifier"], "WAFCONFIG");
+        assert_eq!(j["unknown_identifier"], true);
+        assert!(j.get("old_identifier").is_none());
         assert_eq!(j["key"], J::Null);
         assert!(j.get("new").is_none() && j.get("old").is_none() && j.get("unchanged_toast").is_none());
     }
@@ -459,6 +495,7 @@ mod tests {
             tables: vec!["public.a".into(), "public.b".into()],
             cascade: true,
             restart_identity: false,
+            labels: vec![],
         };
         assert_eq!(
             parse(&Event::Truncate(t)),

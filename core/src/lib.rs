@@ -6,6 +6,7 @@
 //! `cargo test -p changerelay-core`.
 #![deny(unsafe_code)]
 
+pub mod apply;
 pub mod binary;
 pub mod event;
 pub mod json;
@@ -14,5 +15,6 @@ pub mod metadata;
 pub mod options;
 pub mod tables;
 pub mod time;
+pub mod versions;
 
-pub use event::{Change, Column, Commit, Event, Message, Op, Row, Scalar, TxnHeader, Value};
+pub use event::{Change, Column, Commit, Event, Message, Op, Row, Scalar, Tracking, TxnHeader, Value};

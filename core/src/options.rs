@@ -19,6 +19,9 @@ pub struct Options {
     pub include_old: bool,
     pub include_messages: bool,
     pub tables: Option<TableFilter>,
+    /// Only tables tracked in `changerelay.tracked_tables` (and that table
+    /// itself), annotated with their label and row identifier.
+    pub tracked: bool,
 }
 
 impl Default for Options {
@@ -29,6 +32,7 @@ impl Default for Options {
             include_old: true,
             include_messages: true,
             tables: None,
+            tracked: false,
         }
     }
 }
@@ -86,6 +90,7 @@ impl Options {
                 "include_transaction" => opts.include_transaction = parse_bool(name, value)?,
                 "include_old" => opts.include_old = parse_bool(name, value)?,
                 "include_messages" => opts.include_messages = parse_bool(name, value)?,
+                "tracked" => opts.tracked = parse_bool(name, value)?,
                 "tables" => {
                     let text = value.ok_or_else(|| bad_value(name, None, "a list such as public.*,audit.events"))?;
                     let filter = TableFilter::parse(text).map_err(|why| OptionError {
@@ -150,11 +155,13 @@ mod tests {
             ("include_old", Some("0")),
             ("include_messages", None),
             ("tables", Some("public.*")),
+            ("tracked", Some("yes")),
         ])
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(o.format, Format::Binary);
         assert!(!o.include_transaction && !o.include_old && o.include_messages);
         assert!(o.tables.is_some_and(|t| t.matches("public", "x")));
+        assert!(o.tracked);
     }
 
     #[test]

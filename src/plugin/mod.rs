@@ -9,15 +9,17 @@ mod compat;
 pub use compat::log_transactional_message;
 mod relations;
 mod state;
+mod tracked;
 mod values;
 
 use crate::errors::raise;
-use changerelay_core::event::{Change, Commit, Event, Message, MessageContent, MetadataEvent, Op, Truncate};
+use changerelay_core::event::{Change, Commit, Event, Message, MessageContent, MetadataEvent, Op, Tracking, Truncate};
 use changerelay_core::metadata::{self, METADATA_PREFIX};
 use changerelay_core::options::{Format, Options};
 use changerelay_core::time::pg_timestamp_to_unix_us;
 use changerelay_core::{binary, json, TxnHeader};
 use pgrx::{pg_guard, pg_sys, PgSqlErrorCode};
+use relations::{RelInfo, RelTracking};
 use state::{PluginState, TxnState};
 use std::borrow::Cow;
 use std::ffi::{c_char, CStr};
@@ -193,6 +195,7 @@ unsafe extern "C-unwind" fn change(
         utf8,
         ..
     } = state;
+    let mut is_config = false;
     // SAFETY: `relation` is open for the callback.
     let info = unsafe { relations.get(relation, options.tables.as_ref()) };
     if info.included {
@@ -209,11 +212,12 @@ unsafe extern "C-unwind" fn change(
         } else {
             decode(new_tuple, None, scratch)
         };
-        let old = if full_old || op == Op::Delete {
-            decode(old_tuple, if full_old { None } else { Some(&info.key_attrs) }, scratch)
-        } else if op == Op::Update {
-            // Only the old key is logged (the key changed): read just that.
-            decode(old_tuple, Some(&info.key_attrs), scratch)
+        let old = if full_old {
+            decode(old_tuple, None, scratch)
+        } else if op != Op::Insert {
+            // Only the old key is logged (delete, or an update that changed
+            // the key), plus the identifier column under REPLICA IDENTITY FULL.
+            decode(old_tuple, Some(&info.old_attrs), scratch)
         } else {
             None
         };
@@ -222,6 +226,8 @@ unsafe extern "C-unwind" fn change(
             (None, Some(n)) => n.key(info),
             (None, None) => None,
         };
+        let tracking = tracking_of(info, op, new.as_ref(), old.as_ref());
+        is_config = matches!(info.tracking, Some(RelTracking::Config { .. }));
         let (new, unchanged_toast) = match new {
             Some(n) => (Some(n.row), n.unchanged_toast),
             None => (None, Vec::new()),
@@ -236,6 +242,7 @@ unsafe extern "C-unwind" fn change(
             new,
             old: old.filter(|_| full_old).map(|o| o.row),
             unchanged_toast,
+            tracking,
         });
         // SAFETY: ctx is live.
         unsafe {
@@ -244,10 +251,58 @@ unsafe extern "C-unwind" fn change(
         }
         ts.emitted += 1;
     }
+    if is_config {
+        // Tracking changed: later changes are filed by the new set.
+        relations.tracked_changed();
+    }
     // SAFETY: restoring the caller's context, then freeing this change's memory.
     unsafe {
         pg_sys::MemoryContextSwitchTo(old_cxt);
         pg_sys::MemoryContextReset(state.change_cxt);
+    }
+}
+
+/// Where a change of a tracked table lands in the version map.
+fn tracking_of<'a>(
+    info: &'a RelInfo,
+    op: Op,
+    new: Option<&values::DecodedRow<'a>>,
+    old: Option<&values::DecodedRow<'a>>,
+) -> Option<Tracking<'a>> {
+    match info.tracking.as_ref()? {
+        RelTracking::Config { label_attr } => {
+            let attr = (*label_attr)?;
+            let label = new
+                .and_then(|r| r.text_of(attr))
+                .or_else(|| old.and_then(|r| r.text_of(attr)))?;
+            Some(Tracking {
+                label,
+                identifier: None,
+                old_identifier: None,
+                unknown_identifier: false,
+            })
+        }
+        RelTracking::Table { label, ident_attr } => {
+            let mut t = Tracking {
+                label: Cow::Borrowed(label.as_str()),
+                identifier: None,
+                old_identifier: None,
+                unknown_identifier: false,
+            };
+            let Some(attr) = *ident_attr else { return Some(t) };
+            let old_id = old.filter(|o| o.has(attr)).map(|o| o.text_of(attr));
+            match op {
+                Op::Insert | Op::Update => {
+                    t.identifier = new.and_then(|n| n.text_of(attr));
+                    t.old_identifier = old_id.flatten().filter(|o| Some(o) != t.identifier.as_ref());
+                }
+                Op::Delete => match old_id {
+                    Some(id) => t.identifier = id,
+                    None => t.unknown_identifier = true,
+                },
+            }
+            Some(t)
+        }
     }
 }
 
@@ -267,11 +322,17 @@ unsafe extern "C-unwind" fn truncate(
     // SAFETY: switching to our per-change context, reset below.
     let old_cxt = unsafe { pg_sys::MemoryContextSwitchTo(state.change_cxt) };
     let mut tables = Vec::new();
+    let mut labels: Vec<Cow<'_, str>> = Vec::new();
     for i in 0..nrelations.max(0) as usize {
         // SAFETY: `rels` holds `nrelations` open relations.
         let info = unsafe { state.relations.get(*rels.add(i), state.options.tables.as_ref()) };
         if info.included {
             tables.push(Cow::Owned(info.qualified_name()));
+            if let Some(RelTracking::Table { label, .. }) = &info.tracking {
+                if !labels.iter().any(|l| l == label) {
+                    labels.push(Cow::Owned(label.clone()));
+                }
+            }
         }
     }
     if !tables.is_empty() {
@@ -284,6 +345,7 @@ unsafe extern "C-unwind" fn truncate(
             tables,
             cascade,
             restart_identity,
+            labels,
         });
         let (format, include) = (state.options.format, state.options.include_transaction);
         // SAFETY: ctx is live.

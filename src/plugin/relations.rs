@@ -7,6 +7,7 @@
 //! change). Each entry's output functions live in their own memory context,
 //! a child of the decoding context, deleted when the entry is rebuilt.
 
+use super::tracked::{TrackedSet, CONFIG_LABEL_COLUMN};
 use changerelay_core::tables::TableFilter;
 use pgrx::pg_sys;
 use std::collections::HashMap;
@@ -46,8 +47,17 @@ pub struct ColumnInfo {
     pub elem: Option<ElemInfo>,
 }
 
+/// How changes of a relation are filed in the version map (`tracked` option).
+pub enum RelTracking {
+    /// A tracked table: its label and the column identifying a row.
+    Table { label: String, ident_attr: Option<usize> },
+    /// `changerelay.tracked_tables` itself: the label is in each row.
+    Config { label_attr: Option<usize> },
+}
+
 pub struct RelInfo {
     valid: bool,
+    generation: u64,
     cxt: pg_sys::MemoryContext,
     pub schema: String,
     pub table: String,
@@ -55,7 +65,11 @@ pub struct RelInfo {
     pub columns: Vec<ColumnInfo>,
     /// Indexes into `columns` of the replica identity (or primary key).
     pub key_attrs: Vec<usize>,
+    /// Columns to read from an old tuple when the full old row is not wanted:
+    /// the key, plus the identifier column when the old row carries it.
+    pub old_attrs: Vec<usize>,
     pub replident_full: bool,
+    pub tracking: Option<RelTracking>,
 }
 
 impl RelInfo {
@@ -67,6 +81,8 @@ impl RelInfo {
 pub struct RelationCache {
     parent: pg_sys::MemoryContext,
     map: HashMap<pg_sys::Oid, RelInfo>,
+    /// Present with the `tracked` option.
+    tracked: Option<TrackedSet>,
 }
 
 /// The cache the invalidation callback marks; null when no decoding runs.
@@ -74,10 +90,19 @@ static ACTIVE: AtomicPtr<RelationCache> = AtomicPtr::new(std::ptr::null_mut());
 static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 impl RelationCache {
-    pub fn new(parent: pg_sys::MemoryContext) -> Self {
+    pub fn new(parent: pg_sys::MemoryContext, tracked: bool) -> Self {
         RelationCache {
             parent,
             map: HashMap::new(),
+            tracked: tracked.then(TrackedSet::new),
+        }
+    }
+
+    /// Forces the tracked set to be reloaded before the next change (after
+    /// a change to `changerelay.tracked_tables`).
+    pub fn tracked_changed(&mut self) {
+        if let Some(t) = &mut self.tracked {
+            t.stale = true;
         }
     }
 
@@ -106,17 +131,29 @@ impl RelationCache {
     pub unsafe fn get(&mut self, rel: pg_sys::Relation, filter: Option<&TableFilter>) -> &RelInfo {
         // SAFETY: `rel` is open for the duration of the callback.
         let (relid, natts) = unsafe { ((*rel).rd_id, (*(*rel).rd_att).natts as usize) };
+        let generation = match &mut self.tracked {
+            Some(t) => {
+                // SAFETY: forwarded from the caller (inside a decoding callback).
+                unsafe { t.refresh() };
+                t.generation
+            }
+            None => 0,
+        };
         let fresh = self
             .map
             .get(&relid)
-            .is_some_and(|info| info.valid && info.columns.len() == natts);
+            .is_some_and(|info| info.valid && info.generation == generation && info.columns.len() == natts);
         if !fresh {
             if let Some(old) = self.map.remove(&relid) {
                 // SAFETY: nothing refers to the stale entry's functions any more.
                 unsafe { pg_sys::MemoryContextDelete(old.cxt) };
             }
             // SAFETY: forwarded from the caller.
-            let info = unsafe { build(rel, self.parent, filter) };
+            let mut info = unsafe { build(rel, self.parent, filter) };
+            info.generation = generation;
+            if let Some(t) = &self.tracked {
+                apply_tracking(&mut info, relid, t);
+            }
             self.map.insert(relid, info);
         }
         match self.map.get(&relid) {
@@ -136,6 +173,12 @@ unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) 
     // on the main thread only, so the pointer is live and not aliased mutably
     // by code running right now (entries are only marked, never removed here).
     let cache = unsafe { &mut *cache };
+    // Any relcache invalidation may be the tracking table appearing or
+    // disappearing (CREATE/DROP EXTENSION): reload the tracked set.
+    cache.tracked_changed();
+    // Any relcache invalidation may be the tracking table appearing or
+    // disappearing (CREATE/DROP EXTENSION): reload the tracked set.
+    cache.tracked_changed();
     if relid == pg_sys::InvalidOid {
         cache.map.values_mut().for_each(|info| info.valid = false);
     } else if let Some(info) = cache.map.get_mut(&relid) {
@@ -171,13 +214,48 @@ unsafe fn build(rel: pg_sys::Relation, parent: pg_sys::MemoryContext, filter: Op
         let key_attrs = key_attributes(rel, replident, &columns);
         RelInfo {
             valid: true,
+            generation: 0,
             cxt,
             schema,
             table,
             included,
+            old_attrs: key_attrs.clone(),
             columns,
             key_attrs,
             replident_full,
+            tracking: None,
+        }
+    }
+}
+
+/// Restricts `info` to tracked tables and records where their changes go.
+fn apply_tracking(info: &mut RelInfo, relid: pg_sys::Oid, tracked: &TrackedSet) {
+    let column = |name: &str| info.columns.iter().position(|c| !c.dropped && c.name == name);
+    info.tracking = if relid == tracked.config_relid && tracked.config_relid != pg_sys::InvalidOid {
+        Some(RelTracking::Config {
+            label_attr: column(CONFIG_LABEL_COLUMN),
+        })
+    } else if let Some(t) = tracked.tables.get(&relid) {
+        let ident_attr = t.identifier.as_deref().and_then(column);
+        Some(RelTracking::Table {
+            label: t.label.clone(),
+            ident_attr,
+        })
+    } else {
+        None
+    };
+    info.included &= info.tracking.is_some();
+    // The old row carries every column with REPLICA IDENTITY FULL.
+    let extra = match &info.tracking {
+        Some(RelTracking::Table {
+            ident_attr: Some(a), ..
+        }) => Some(*a),
+        Some(RelTracking::Config { label_attr: Some(a) }) => Some(*a),
+        _ => None,
+    };
+    if let Some(a) = extra {
+        if info.replident_full && !info.old_attrs.contains(&a) {
+            info.old_attrs.push(a);
         }
     }
 }

@@ -58,10 +58,11 @@ impl PluginState {
                 pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             );
+            let tracked = options.tracked;
             let state = Box::new(PluginState {
                 options,
                 change_cxt,
-                relations: RelationCache::new(parent),
+                relations: RelationCache::new(parent, tracked),
                 scratch: Scratch::default(),
                 buf: Vec::with_capacity(8192),
                 utf8: pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32,

@@ -26,6 +26,20 @@ pub struct DecodedRow<'a> {
 }
 
 impl<'a> DecodedRow<'a> {
+    /// The text of column `attr`, when the row has it and it is not NULL.
+    pub fn text_of(&self, attr: usize) -> Option<Cow<'a, str>> {
+        let i = self.attrs.iter().position(|&x| x == attr)?;
+        match &self.row[i].value {
+            Value::Scalar(s) => s.identifier_text(),
+            Value::Array { .. } => None,
+        }
+    }
+
+    /// Whether the row carries column `attr` (possibly NULL).
+    pub fn has(&self, attr: usize) -> bool {
+        self.attrs.contains(&attr)
+    }
+
     /// The identity columns of this row, or `None` when it has none of them.
     pub fn key(&self, info: &RelInfo) -> Option<Row<'a>> {
         if info.key_attrs.is_empty() {

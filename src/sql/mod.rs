@@ -1,3 +1,38 @@
 //! SQL functions in schema `changerelay`.
 
-mod metadata;
+pub mod metadata;
+mod tracking;
+mod versions;
+
+use crate::errors::raise;
+use pgrx::PgSqlErrorCode;
+
+/// Errors unless the library was loaded through `shared_preload_libraries`
+/// (the relay worker and the shared version map exist only then).
+pub fn require_preloaded() {
+    if crate::shmem::shared().is_none() {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_changerelay must be loaded via shared_preload_libraries",
+            Some("The relay worker and its shared-memory version map are set up when the server starts.".into()),
+            "Add pg_changerelay to shared_preload_libraries in postgresql.conf and restart the server.",
+        );
+    }
+}
+
+/// Runs a read-only query and returns the first column of its first row
+/// (`None` for no row or NULL). Unlike `Spi::get_one`, it never marks the
+/// transaction as writing, so it takes no transaction id.
+pub fn select_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Result<Option<T>, pgrx::spi::Error> {
+    pgrx::Spi::connect(|client| {
+        let table = client.select(sql, Some(1), args)?;
+        if table.is_empty() {
+            Ok(None)
+        } else {
+            table.first().get::<T>(1)
+        }
+    })
+}

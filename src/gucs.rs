@@ -1,0 +1,130 @@
+//! Settings, all under the reserved prefix `changerelay.`, with typed getters.
+//!
+//! | setting | default | context |
+//! |---|---|---|
+//! | `changerelay.enabled` | on | sighup |
+//! | `changerelay.database` | postgres | postmaster |
+//! | `changerelay.slot_name` | changerelay | postmaster |
+//! | `changerelay.max_tracked_rows` | 65536 | postmaster |
+//! | `changerelay.max_labels` | 1024 | postmaster |
+//! | `changerelay.poll_interval` | 1000 ms | sighup |
+//! | `changerelay.batch_changes` | 10000 | sighup |
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"changerelay"));
+pub static MAX_TRACKED_ROWS: GucSetting<i32> = GucSetting::<i32>::new(65536);
+pub static MAX_LABELS: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10000);
+
+/// Defines the settings; called from `_PG_init`. Postmaster-context settings
+/// can only be defined while preloading, so those are skipped otherwise.
+pub fn define(preloading: bool) {
+    GucRegistry::define_bool_guc(
+        c"changerelay.enabled",
+        c"Whether the relay worker consumes its slot.",
+        c"When off, the worker stays connected but stops decoding; changerelay.status() says so.",
+        &ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.poll_interval",
+        c"Longest time the relay worker sleeps between looks at its slot.",
+        c"Commits wake the worker at once; this is only a fallback (for example with synchronous_commit = off).",
+        &POLL_INTERVAL_MS,
+        10,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.batch_changes",
+        c"Changes the relay worker decodes per batch (whole transactions are never split).",
+        c"",
+        &BATCH_CHANGES,
+        100,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    if !preloading {
+        return;
+    }
+    GucRegistry::define_string_guc(
+        c"changerelay.database",
+        c"Database the relay worker serves.",
+        c"The extension must be created in this database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"changerelay.slot_name",
+        c"Logical replication slot the relay worker owns.",
+        c"Created with the pg_changerelay plugin when missing.",
+        &SLOT_NAME,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.max_tracked_rows",
+        c"Row versions kept in shared memory (64 bytes each).",
+        c"When full, the least recently changed rows are evicted and their label's floor raised, so readers may see a spurious increment but never miss one.",
+        &MAX_TRACKED_ROWS,
+        0,
+        100_000_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.max_labels",
+        c"Labels kept in shared memory.",
+        c"",
+        &MAX_LABELS,
+        1,
+        65_535,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
+
+fn string(setting: &GucSetting<Option<CString>>, default: &str) -> String {
+    setting
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+pub fn enabled() -> bool {
+    ENABLED.get()
+}
+
+pub fn database() -> String {
+    string(&DATABASE, "postgres")
+}
+
+pub fn slot_name() -> String {
+    string(&SLOT_NAME, "changerelay")
+}
+
+pub fn max_tracked_rows() -> usize {
+    MAX_TRACKED_ROWS.get().max(0) as usize
+}
+
+pub fn max_labels() -> usize {
+    MAX_LABELS.get().max(1) as usize
+}
+
+pub fn poll_interval() -> std::time::Duration {
+    std::time::Duration::from_millis(POLL_INTERVAL_MS.get().max(10) as u64)
+}
+
+pub fn batch_changes() -> i32 {
+    BATCH_CHANGES.get().max(100)
+}

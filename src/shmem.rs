@@ -1,0 +1,301 @@
+//! Shared memory: the version map, the relay worker's status, and the
+//! condition variable watchers sleep on.
+//!
+//! Layout: one `ShmemInitStruct` named "pg_changerelay" holding [`Shared`]
+//! followed by `max_labels` [`LabelSlot`]s and `max_tracked_rows` [`Entry`]s
+//! (64 bytes each), sized from postmaster-context settings when the library
+//! is preloaded.
+//!
+//! Locking rules:
+//! * `lock` (the named LWLock tranche "pg_changerelay") protects the map:
+//!   `map`, the label slots and the entries. The relay worker holds it
+//!   exclusively while applying a batch it has already committed; readers
+//!   (`version()`, `versions()`, `version_map()`) hold it shared, copy what
+//!   they need and release it before building any result. Nothing that can
+//!   raise an error runs while it is held.
+//! * `status` fields are atomics written only by the relay worker (pid and
+//!   latch at start and exit, the rest after each batch). Readers take no
+//!   lock and may see fields from two consecutive batches.
+//! * `cv` is broadcast by the worker after every applied batch.
+//! * `wake_latch` is the worker's process latch; committing backends set it
+//!   (a latch tolerates spurious and stale sets).
+
+use changerelay_core::versions::{Entry, LabelSlot, MapHeader, VersionMap, VersionMapMut};
+use pgrx::pg_sys;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+const NAME: &std::ffi::CStr = c"pg_changerelay";
+
+/// What the relay worker is doing.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    NotRunning = 0,
+    Starting = 1,
+    WaitingForExtension = 2,
+    Disabled = 3,
+    Streaming = 4,
+    Loading = 5,
+}
+
+impl WorkerState {
+    pub fn from_u32(v: u32) -> WorkerState {
+        match v {
+            1 => WorkerState::Starting,
+            2 => WorkerState::WaitingForExtension,
+            3 => WorkerState::Disabled,
+            4 => WorkerState::Streaming,
+            5 => WorkerState::Loading,
+            _ => WorkerState::NotRunning,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::NotRunning => "not running",
+            WorkerState::Starting => "starting",
+            WorkerState::WaitingForExtension => "waiting for CREATE EXTENSION",
+            WorkerState::Disabled => "disabled",
+            WorkerState::Streaming => "streaming",
+            WorkerState::Loading => "loading versions",
+        }
+    }
+}
+
+#[repr(C)]
+pub struct WorkerStatus {
+    pub pid: AtomicI32,
+    pub state: AtomicU32,
+    /// The database the worker serves (an Oid), 0 until connected.
+    pub database: AtomicU32,
+    /// The worker's latch, as an address; null when no worker runs.
+    pub wake_latch: AtomicPtr<pg_sys::Latch>,
+    pub last_event_id: AtomicU64,
+    pub last_commit_ts: AtomicI64,
+    pub confirmed_lsn: AtomicU64,
+    pub batches: AtomicU64,
+    pub changes: AtomicU64,
+    /// The map holds the persisted versions (loaded after a restart).
+    pub loaded: AtomicBool,
+}
+
+#[repr(C)]
+pub struct Shared {
+    pub lock: *mut pg_sys::LWLock,
+    pub cv: pg_sys::ConditionVariable,
+    pub status: WorkerStatus,
+    pub map: MapHeader,
+    pub n_labels: u32,
+    pub n_entries: u32,
+}
+
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static N_LABELS: AtomicU32 = AtomicU32::new(0);
+static N_ENTRIES: AtomicU32 = AtomicU32::new(0);
+
+fn labels_offset() -> usize {
+    std::mem::size_of::<Shared>().next_multiple_of(64)
+}
+
+fn entries_offset(n_labels: usize) -> usize {
+    (labels_offset() + n_labels * std::mem::size_of::<LabelSlot>()).next_multiple_of(64)
+}
+
+fn total_size(n_labels: usize, n_entries: usize) -> usize {
+    entries_offset(n_labels) + n_entries * std::mem::size_of::<Entry>()
+}
+
+/// Bytes of shared memory per tracked row.
+pub const BYTES_PER_ROW: usize = std::mem::size_of::<Entry>();
+
+/// Requests shared memory and installs the hooks; from `_PG_init` while
+/// preloading only.
+pub fn install(n_labels: usize, n_entries: usize) {
+    N_LABELS.store(n_labels as u32, Ordering::Relaxed);
+    N_ENTRIES.store(n_entries as u32, Ordering::Relaxed);
+    // SAFETY: _PG_init runs single-threaded in the postmaster; saving and
+    // replacing hook pointers is the documented way to chain them.
+    unsafe {
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        {
+            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(shmem_request);
+        }
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        request();
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+}
+
+/// # Safety
+/// Only from the shmem request hook (or _PG_init before PG 15).
+unsafe fn request() {
+    let size = total_size(
+        N_LABELS.load(Ordering::Relaxed) as usize,
+        N_ENTRIES.load(Ordering::Relaxed) as usize,
+    );
+    // SAFETY: called where Postgres allows requesting shared memory.
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(size);
+        pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+    }
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: chaining to the previous hook, then requesting our share.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        request();
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: chaining to the previous hook; ShmemInitStruct under
+    // AddinShmemInitLock as every extension does; the memory is zeroed and
+    // initialised exactly once, by the first process that creates it.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        let n_labels = N_LABELS.load(Ordering::Relaxed) as usize;
+        let n_entries = N_ENTRIES.load(Ordering::Relaxed) as usize;
+        let size = total_size(n_labels, n_entries);
+        pg_sys::LWLockAcquire(addin_shmem_init_lock(), pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let ptr = pg_sys::ShmemInitStruct(NAME.as_ptr(), size, &mut found).cast::<Shared>();
+        if !found {
+            std::ptr::write_bytes(ptr.cast::<u8>(), 0, size);
+            (*ptr).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
+            pg_sys::ConditionVariableInit(&raw mut (*ptr).cv);
+            (*ptr).n_labels = n_labels as u32;
+            (*ptr).n_entries = n_entries as u32;
+            let salt =
+                (pg_sys::GetCurrentTimestamp() as u64) ^ ((std::process::id() as u64) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+            let mut map = map_mut(ptr);
+            map.reset(salt);
+        }
+        pg_sys::LWLockRelease(addin_shmem_init_lock());
+        SHARED.store(ptr, Ordering::Release);
+    }
+}
+
+/// `AddinShmemInitLock`, a macro over the main LWLock array in C (slot 21
+/// since PostgreSQL 9.6, lwlocknames.txt).
+///
+/// # Safety
+/// Only after shared memory is set up.
+unsafe fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
+    // SAFETY: MainLWLockArray has every individual lock, 21 among them.
+    unsafe { &raw mut (*pg_sys::MainLWLockArray.add(21)).lock }
+}
+
+/// # Safety
+/// `ptr` must be the initialised shared struct and the caller must hold its
+/// lock exclusively (or be initialising it).
+unsafe fn map_mut<'a>(ptr: *mut Shared) -> VersionMapMut<'a> {
+    // SAFETY: the label and entry arrays follow the header at the offsets
+    // computed from the sizes stored in it.
+    unsafe {
+        let n_labels = (*ptr).n_labels as usize;
+        let n_entries = (*ptr).n_entries as usize;
+        let base = ptr.cast::<u8>();
+        VersionMapMut {
+            header: &mut (*ptr).map,
+            labels: std::slice::from_raw_parts_mut(base.add(labels_offset()).cast::<LabelSlot>(), n_labels),
+            entries: std::slice::from_raw_parts_mut(base.add(entries_offset(n_labels)).cast::<Entry>(), n_entries),
+        }
+    }
+}
+
+/// The shared struct, when the library was preloaded.
+pub fn shared() -> Option<&'static Shared> {
+    let ptr = SHARED.load(Ordering::Acquire);
+    // SAFETY: set once by the startup hook to memory that lives as long as
+    // the postmaster; only atomics and the lock pointer are read through it.
+    unsafe { ptr.as_ref() }
+}
+
+/// Runs `f` on the map with the lock held shared. `f` must not raise errors.
+pub fn with_map<R>(f: impl FnOnce(VersionMap<'_>) -> R) -> Option<R> {
+    let ptr = SHARED.load(Ordering::Acquire);
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: the lock is held for the life of the view; the view is only
+    // read; LWLocks are released by error cleanup should anything go wrong.
+    unsafe {
+        pg_sys::LWLockAcquire((*ptr).lock, pg_sys::LWLockMode::LW_SHARED);
+        let m = map_mut(ptr);
+        let r = f(VersionMap {
+            header: m.header,
+            labels: m.labels,
+            entries: m.entries,
+        });
+        pg_sys::LWLockRelease((*ptr).lock);
+        Some(r)
+    }
+}
+
+/// Runs `f` on the map with the lock held exclusively. `f` must not raise errors.
+pub fn with_map_mut<R>(f: impl FnOnce(VersionMapMut<'_>) -> R) -> Option<R> {
+    let ptr = SHARED.load(Ordering::Acquire);
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: as for `with_map`, with exclusive access.
+    unsafe {
+        pg_sys::LWLockAcquire((*ptr).lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let r = f(map_mut(ptr));
+        pg_sys::LWLockRelease((*ptr).lock);
+        Some(r)
+    }
+}
+
+/// Wakes every backend sleeping in `watch()`.
+pub fn broadcast() {
+    let ptr = SHARED.load(Ordering::Acquire);
+    if !ptr.is_null() {
+        // SAFETY: the condition variable was initialised with the struct.
+        unsafe { pg_sys::ConditionVariableBroadcast(&raw mut (*ptr).cv) };
+    }
+}
+
+/// Wakes the relay worker if this backend's transaction wrote to the
+/// database it serves. Registered as a transaction callback in every backend.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    if event != pg_sys::XactEvent::XACT_EVENT_COMMIT && event != pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT {
+        return;
+    }
+    let Some(shared) = shared() else { return };
+    // SAFETY: reading backend-local globals and setting a latch in shared
+    // memory; SetLatch never raises an error.
+    unsafe {
+        if pg_sys::GetTopTransactionIdIfAny() == pg_sys::InvalidTransactionId {
+            return;
+        }
+        let latch = shared.status.wake_latch.load(Ordering::Acquire);
+        if latch.is_null()
+            || latch == pg_sys::MyLatch
+            || shared.status.database.load(Ordering::Relaxed) != pg_sys::MyDatabaseId.to_u32()
+        {
+            return;
+        }
+        pg_sys::SetLatch(latch);
+    }
+}
+
+/// Registers the commit callback that wakes the worker.
+pub fn register_wakeup() {
+    // SAFETY: registering a callback with the right signature from _PG_init.
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut()) };
+}

@@ -1,0 +1,275 @@
+//! Reading versions: `version()`, `versions()`, `version_map()`, `status()`.
+//!
+//! Reads come from shared memory. Until the relay worker has loaded the
+//! persisted versions after a restart, they come from those tables instead,
+//! so a reader never sees a version go back.
+
+use crate::errors::raise;
+use crate::shmem::{self, WorkerState};
+use crate::sql::require_preloaded;
+use changerelay_core::versions::{row_hash, Lookup, Version};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Map, Value};
+use std::sync::atomic::Ordering;
+
+fn unknown_label(label: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("label \"{label}\" is not tracked"),
+        None,
+        "changerelay.tracked() lists the labels; changerelay.track() adds one.",
+    )
+}
+
+fn loaded() -> bool {
+    shmem::shared().is_some_and(|s| s.status.loaded.load(Ordering::Acquire))
+}
+
+fn label_is_tracked(label: &str) -> bool {
+    crate::sql::select_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM changerelay.tracked_tables WHERE label = $1)
+             OR EXISTS (SELECT 1 FROM changerelay.label_versions WHERE label = $1)",
+        &[label.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// Versions of a label read from the persisted tables: (all, floor, rows).
+fn persisted(label: &str, ident: Option<&str>) -> (Option<Version>, Version, Vec<(String, Version)>) {
+    let head = Spi::connect(|c| {
+        let t = c.select(
+            "SELECT v, ts, floor_v, floor_ts FROM changerelay.label_versions WHERE label = $1",
+            Some(1),
+            &[label.into()],
+        )?;
+        if t.is_empty() {
+            return Ok::<_, pgrx::spi::Error>(None);
+        }
+        let r = t.first();
+        let v = |i| r.get::<i64>(i).map(|x| x.unwrap_or(0));
+        Ok(Some((
+            Version {
+                v: v(1)? as u64,
+                ts: v(2)?,
+            },
+            Version {
+                v: v(3)? as u64,
+                ts: v(4)?,
+            },
+        )))
+    })
+    .ok()
+    .flatten();
+    let rows = Spi::connect(|c| {
+        let t = c.select(
+            "SELECT identifier, v, ts FROM changerelay.row_versions
+              WHERE label = $1 AND ($2::text IS NULL OR identifier = $2) ORDER BY identifier",
+            None,
+            &[label.into(), ident.into()],
+        )?;
+        t.map(|r| {
+            Ok::<_, pgrx::spi::Error>((
+                r.get::<String>(1)?.unwrap_or_default(),
+                Version {
+                    v: r.get::<i64>(2)?.unwrap_or(0) as u64,
+                    ts: r.get::<i64>(3)?.unwrap_or(0),
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_default();
+    match head {
+        Some((all, floor)) => (Some(all), floor, rows),
+        None => (None, Version::default(), rows),
+    }
+}
+
+/// A label's versions: the `all` version and every row version kept.
+struct LabelVersions {
+    all: Option<Version>,
+    rows: Vec<(String, Version)>,
+}
+
+fn label_versions(label: &str) -> LabelVersions {
+    require_preloaded();
+    if loaded() {
+        // Copy under the shared lock; long identifiers are resolved after.
+        let snapshot = shmem::with_map(|m| {
+            let idx = m.find_label(label)?;
+            let all = m.label(idx).map(|l| l.all);
+            let salt = m.header.salt;
+            let rows: Vec<(Vec<u8>, bool, u64, Version)> = m
+                .rows(idx)
+                .map(|(e, v)| (e.ident().to_vec(), e.is_truncated(), e.hash, v))
+                .collect();
+            Some((all, idx, salt, rows))
+        })
+        .flatten();
+        let Some((all, idx, salt, rows)) = snapshot else {
+            if label_is_tracked(label) {
+                return LabelVersions {
+                    all: None,
+                    rows: Vec::new(),
+                };
+            }
+            unknown_label(label)
+        };
+        let mut long_names: Option<Vec<(String, Version)>> = None;
+        let mut out = Vec::with_capacity(rows.len());
+        for (ident, truncated, hash, v) in rows {
+            if truncated {
+                let names = long_names.get_or_insert_with(|| persisted(label, None).2);
+                if let Some((name, _)) = names.iter().find(|(n, _)| row_hash(salt, idx, n.as_bytes()) == hash) {
+                    out.push((name.clone(), v));
+                }
+            } else {
+                out.push((String::from_utf8_lossy(&ident).into_owned(), v));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        return LabelVersions {
+            all: all.filter(Version::is_set),
+            rows: out,
+        };
+    }
+    let (all, floor, rows) = persisted(label, None);
+    if all.is_none() && rows.is_empty() && !label_is_tracked(label) {
+        unknown_label(label);
+    }
+    LabelVersions {
+        all,
+        rows: rows.into_iter().map(|(n, v)| (n, v.max(floor))).collect(),
+    }
+}
+
+/// The version of a label (`identifier` NULL: its `all` version) or of one
+/// row of it. NULL for a row never seen; an error for an unknown label.
+#[pg_extern(stable, parallel_safe)]
+fn version(label: &str, identifier: default!(Option<&str>, "NULL")) -> Option<i64> {
+    require_preloaded();
+    if loaded() {
+        let found = shmem::with_map(|m| match identifier {
+            None => match m.all(label) {
+                Some(v) => Lookup::Found(v),
+                None => Lookup::UnknownLabel,
+            },
+            Some(id) => m.lookup(label, id.as_bytes()),
+        });
+        return match found {
+            Some(Lookup::Found(v)) if v.is_set() => Some(v.v as i64),
+            Some(Lookup::Found(_)) | Some(Lookup::Unseen) => None,
+            Some(Lookup::UnknownLabel) | None => {
+                if label_is_tracked(label) {
+                    None
+                } else {
+                    unknown_label(label)
+                }
+            }
+        };
+    }
+    let (all, floor, rows) = persisted(label, identifier);
+    match identifier {
+        None if all.is_some() => all.map(|v| v.v as i64),
+        None if label_is_tracked(label) => None,
+        None => unknown_label(label),
+        Some(_) => match rows.first() {
+            Some((_, v)) => Some(v.max(floor).v as i64),
+            None if floor.is_set() => Some(floor.v as i64),
+            None if all.is_some() || label_is_tracked(label) => None,
+            None => unknown_label(label),
+        },
+    }
+}
+
+/// Every version of a label: the `all` row first, then each row identifier.
+#[pg_extern(stable, parallel_safe)]
+fn versions(label: &str) -> TableIterator<'static, (name!(identifier, String), name!(v, i64), name!(ts, i64))> {
+    let lv = label_versions(label);
+    let mut out = Vec::with_capacity(lv.rows.len() + 1);
+    if let Some(all) = lv.all {
+        out.push(("all".to_string(), all.v as i64, all.ts));
+    }
+    out.extend(lv.rows.into_iter().map(|(id, v)| (id, v.v as i64, v.ts)));
+    TableIterator::new(out)
+}
+
+/// The version map message applications parse:
+/// `{"label":"parameters","data":{"all":{"v":…,"ts":…},"WAFCONFIG":{"v":…,"ts":…}}}`.
+#[pg_extern(stable, parallel_safe)]
+fn version_map(label: &str) -> JsonB {
+    let lv = label_versions(label);
+    let mut data = Map::new();
+    if let Some(all) = lv.all {
+        data.insert("all".into(), json!({"v": all.v, "ts": all.ts}));
+    }
+    for (id, v) in lv.rows {
+        data.insert(id, json!({"v": v.v, "ts": v.ts}));
+    }
+    JsonB(json!({"label": label, "data": Value::Object(data)}))
+}
+
+/// The relay worker's state, its slot's progress and the map's fill.
+#[pg_extern(volatile)]
+fn status() -> JsonB {
+    require_preloaded();
+    let Some(shared) = shmem::shared() else {
+        unreachable!("checked by require_preloaded")
+    };
+    let st = &shared.status;
+    let state = WorkerState::from_u32(st.state.load(Ordering::Acquire));
+    let pid = st.pid.load(Ordering::Acquire);
+    let slot = crate::gucs::slot_name();
+    let (confirmed, lag) = Spi::connect(|c| {
+        let t = c.select(
+            "SELECT confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8
+               FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            Some(1),
+            &[slot.as_str().into()],
+        )?;
+        if t.is_empty() {
+            return Ok::<_, pgrx::spi::Error>((None, None));
+        }
+        let r = t.first();
+        Ok((r.get::<String>(1)?, r.get::<i64>(2)?))
+    })
+    .unwrap_or((None, None));
+    let (used, labels, evictions) = shmem::with_map(|m| {
+        (
+            m.header.used,
+            m.labels.iter().filter(|l| l.in_use).count(),
+            m.header.evictions,
+        )
+    })
+    .unwrap_or((0, 0, 0));
+    let last_ts = st.last_commit_ts.load(Ordering::Acquire);
+    JsonB(json!({
+        "enabled": crate::gucs::enabled(),
+        "worker": {
+            "pid": if pid > 0 { Value::from(pid) } else { Value::Null },
+            "state": state.as_str(),
+            "database": crate::gucs::database(),
+        },
+        "slot": {
+            "name": slot,
+            "confirmed_lsn": confirmed,
+            "lag_bytes": lag,
+        },
+        "last_event_id": st.last_event_id.load(Ordering::Acquire),
+        "last_commit_ts": if last_ts > 0 { Value::from(last_ts) } else { Value::Null },
+        "last_commit_time": if last_ts > 0 { Value::from(changerelay_core::time::iso8601(last_ts * 1000)) } else { Value::Null },
+        "batches": st.batches.load(Ordering::Relaxed),
+        "changes": st.changes.load(Ordering::Relaxed),
+        "versions_loaded": st.loaded.load(Ordering::Acquire),
+        "tracked_rows": {
+            "used": used,
+            "capacity": shared.n_entries,
+            "bytes_per_row": shmem::BYTES_PER_ROW,
+            "evictions": evictions,
+        },
+        "labels": { "used": labels, "capacity": shared.n_labels },
+    }))
+}

@@ -1,0 +1,447 @@
+//! The relay worker: owns a logical slot, decodes it with the pg_changerelay
+//! plugin (binary format, tracked tables only) and keeps the version map.
+//!
+//! Loop: wait on the latch (set by committing backends) or the poll
+//! interval; handle SIGHUP/SIGTERM; then one step:
+//!   peek a batch (whole transactions, bounded by `batch_changes`)
+//!   → persist the version updates in one transaction and commit
+//!   → apply them to shared memory and wake watchers
+//!   → advance the slot.
+//! A crash at any point re-decodes from the slot's confirmed position and
+//! re-applies; applying is idempotent (versions only move forward). Idle
+//! steps use read-only transactions (no transaction id) and still advance
+//! the slot, so it pins no WAL. Errors exit the worker; the postmaster
+//! restarts it after `RESTART_DELAY`.
+
+use crate::gucs;
+use crate::shmem::{self, WorkerState};
+use crate::sql::select_one;
+use changerelay_core::apply::VersionUpdates;
+use changerelay_core::lsn::lsn_to_string;
+use changerelay_core::{binary, Event};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pub const RESTART_DELAY: Duration = Duration::from_secs(2);
+const APP_NAME: &std::ffi::CStr = c"pg_changerelay relay";
+
+/// Registers the worker; from `_PG_init` while preloading.
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_changerelay relay")
+        .set_type("pg_changerelay relay")
+        .set_library("pg_changerelay")
+        .set_function("changerelay_relay_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(RESTART_DELAY))
+        .load();
+}
+
+fn set_state(state: WorkerState) {
+    if let Some(s) = shmem::shared() {
+        let old = s.status.state.swap(state as u32, Ordering::AcqRel);
+        if old != state as u32 && state != WorkerState::Streaming {
+            log!("pg_changerelay relay: {}", state.as_str());
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
+    if let Some(s) = shmem::shared() {
+        s.status.wake_latch.store(std::ptr::null_mut(), Ordering::Release);
+        s.status.pid.store(0, Ordering::Release);
+        s.status.state.store(WorkerState::NotRunning as u32, Ordering::Release);
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let Some(shared) = shmem::shared() else {
+        error!("pg_changerelay relay: shared memory is not initialised");
+    };
+    // SAFETY: backend globals read on the main thread; the exit callback
+    // clears what this process publishes in shared memory.
+    unsafe {
+        shared.status.pid.store(pg_sys::MyProcPid, Ordering::Release);
+        shared.status.wake_latch.store(pg_sys::MyLatch, Ordering::Release);
+        pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0usize));
+    }
+    set_state(WorkerState::Starting);
+    let database = gucs::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // SAFETY: as above; pgstat_report_appname copies the string.
+    unsafe {
+        shared
+            .status
+            .database
+            .store(pg_sys::MyDatabaseId.to_u32(), Ordering::Release);
+        pg_sys::pgstat_report_appname(APP_NAME.as_ptr());
+    }
+    let slot = gucs::slot_name();
+    log!("pg_changerelay relay started: database \"{database}\", slot \"{slot}\"");
+    let mut relay = Relay {
+        slot,
+        slot_ready: false,
+        confirmed: 0,
+    };
+    let mut sleep = Duration::ZERO;
+    while BackgroundWorker::wait_latch(Some(sleep)) {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: reloading the configuration file between steps.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        sleep = relay.step();
+    }
+    log!("pg_changerelay relay stopping");
+    // Exit code 1: the postmaster restarts the worker after RESTART_DELAY,
+    // so pg_terminate_backend() restarts it rather than removing it for
+    // good (exit code 0 would); at shutdown nothing is restarted anyway.
+    // Stop it for good with changerelay.enabled = off.
+    // SAFETY: leaving the process the way Postgres expects.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+struct Relay {
+    slot: String,
+    slot_ready: bool,
+    /// LSN the slot was last advanced to.
+    confirmed: u64,
+}
+
+/// One peeked batch.
+struct Batch {
+    /// (lsn, frame) rows; for a commit frame the lsn is the end of the commit record.
+    rows: Vec<(u64, Vec<u8>)>,
+    /// Flush position the peek decoded up to.
+    upto: u64,
+}
+
+impl Relay {
+    /// Does one unit of work; returns how long to sleep before the next.
+    fn step(&mut self) -> Duration {
+        let poll = gucs::poll_interval();
+        if !gucs::enabled() {
+            set_state(WorkerState::Disabled);
+            return poll;
+        }
+        // The slot comes first: with nothing tracked it decodes nothing, but
+        // it must exist before anything can be tracked so that no tracked
+        // change can fall between tracking and the slot's creation.
+        if !self.slot_ready {
+            self.ensure_slot();
+        }
+        let installed = BackgroundWorker::transaction(|| {
+            select_one::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_changerelay')",
+                &[],
+            )
+        });
+        let installed = matches!(installed, Ok(Some(true)));
+        if installed && !shmem::shared().is_some_and(|s| s.status.loaded.load(Ordering::Acquire)) {
+            set_state(WorkerState::Loading);
+            load_versions();
+        }
+        set_state(if installed {
+            WorkerState::Streaming
+        } else {
+            WorkerState::WaitingForExtension
+        });
+        let limit = gucs::batch_changes();
+        let Some(batch) = self.peek(limit) else { return poll };
+        let full = batch.rows.len() >= limit as usize;
+        let mut updates = VersionUpdates::default();
+        let mut last_commit_end = 0u64;
+        for (lsn, frame) in &batch.rows {
+            match binary::read_event(frame) {
+                Ok(event) => {
+                    if matches!(event, Event::Commit(_)) {
+                        last_commit_end = *lsn;
+                    }
+                    updates.add(&event);
+                }
+                Err(e) => error!(
+                    "pg_changerelay relay: undecodable frame at {}: {e}",
+                    lsn_to_string(*lsn)
+                ),
+            }
+        }
+        if !updates.is_empty() {
+            persist(&updates);
+            apply_to_shared_memory(&updates);
+        }
+        let target = if full {
+            last_commit_end
+        } else {
+            batch.upto.max(last_commit_end)
+        };
+        if target > self.confirmed {
+            self.advance(target);
+        }
+        if let Some(s) = shmem::shared() {
+            if let Some(c) = updates.last_commit {
+                s.status.last_event_id.store(c.event_id, Ordering::Release);
+                s.status
+                    .last_commit_ts
+                    .store(changerelay_core::time::unix_us_to_ms(c.commit_us), Ordering::Release);
+            }
+            s.status.confirmed_lsn.store(self.confirmed, Ordering::Release);
+            s.status.batches.fetch_add(1, Ordering::Relaxed);
+            s.status.changes.fetch_add(updates.changes, Ordering::Relaxed);
+        }
+        if !updates.is_empty() {
+            shmem::broadcast();
+        }
+        if full {
+            Duration::ZERO
+        } else {
+            poll
+        }
+    }
+
+    fn ensure_slot(&mut self) {
+        let slot = self.slot.clone();
+        let confirmed = BackgroundWorker::transaction(move || {
+            let existing = select_one::<i64>(
+                "SELECT (SELECT (coalesce(confirmed_flush_lsn, '0/0') - '0/0')::int8 FROM pg_catalog.pg_replication_slots
+                  WHERE slot_name = $1 AND plugin = 'pg_changerelay')",
+                &[slot.as_str().into()],
+            );
+            match existing {
+                Ok(Some(lsn)) => lsn,
+                Ok(None) => {
+                    log!("pg_changerelay relay: creating logical replication slot \"{slot}\"");
+                    match select_one::<i64>(
+                        "SELECT (lsn - '0/0')::int8 FROM pg_catalog.pg_create_logical_replication_slot($1, 'pg_changerelay')",
+                        &[slot.as_str().into()],
+                    ) {
+                        Ok(Some(lsn)) => lsn,
+                        Ok(None) => error!("pg_changerelay relay: slot creation returned nothing"),
+                        Err(e) => error!("pg_changerelay relay: could not create slot \"{slot}\": {e}"),
+                    }
+                }
+                Err(e) => error!("pg_changerelay relay: could not read pg_replication_slots: {e}"),
+            }
+        });
+        self.confirmed = confirmed.max(0) as u64;
+        self.slot_ready = true;
+    }
+
+    /// The next batch, or `None` when no WAL was flushed since the last advance.
+    fn peek(&self, limit: i32) -> Option<Batch> {
+        let slot = self.slot.clone();
+        let confirmed = self.confirmed;
+        BackgroundWorker::transaction(move || {
+            let upto = select_one::<i64>("SELECT (pg_catalog.pg_current_wal_flush_lsn() - '0/0')::int8", &[])
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+                .max(0) as u64;
+            if upto <= confirmed {
+                return None;
+            }
+            quiet_decoding();
+            let rows = Spi::connect(|client| {
+                let t = client.select(
+                    "SELECT (lsn - '0/0')::int8, data FROM pg_catalog.pg_logical_slot_peek_binary_changes(
+                        $1, $2::pg_lsn, $3, 'format', 'binary', 'tracked', 'true', 'include_messages', 'false')",
+                    None,
+                    &[slot.as_str().into(), lsn_to_string(upto).into(), limit.into()],
+                )?;
+                t.map(|r| {
+                    Ok::<_, pgrx::spi::Error>((
+                        r.get::<i64>(1)?.unwrap_or(0) as u64,
+                        r.get::<Vec<u8>>(2)?.unwrap_or_default(),
+                    ))
+                })
+                .collect::<Result<Vec<_>, _>>()
+            });
+            match rows {
+                Ok(rows) => Some(Batch { rows, upto }),
+                Err(e) => error!("pg_changerelay relay: could not read slot \"{slot}\": {e}"),
+            }
+        })
+    }
+
+    fn advance(&mut self, target: u64) {
+        let slot = self.slot.clone();
+        let done = BackgroundWorker::transaction(move || {
+            quiet_decoding();
+            select_one::<i64>(
+                "SELECT (end_lsn - '0/0')::int8 FROM pg_catalog.pg_replication_slot_advance($1, $2::pg_lsn)",
+                &[slot.as_str().into(), lsn_to_string(target).into()],
+            )
+        });
+        match done {
+            Ok(Some(lsn)) => self.confirmed = lsn.max(0) as u64,
+            Ok(None) => {}
+            Err(e) => error!("pg_changerelay relay: could not advance slot \"{}\": {e}", self.slot),
+        }
+    }
+}
+
+/// Postgres logs every decoding context it starts ("starting logical
+/// decoding…", "found consistent point…") at LOG; the worker starts one per
+/// batch, so those lines are silenced for the current transaction only.
+fn quiet_decoding() {
+    let _ = select_one::<String>("SELECT pg_catalog.set_config('log_min_messages', 'warning', true)", &[]);
+}
+
+/// Writes the batch's versions in one transaction.
+fn persist(u: &VersionUpdates) {
+    let mut labels: Vec<String> = Vec::new();
+    let (mut lv, mut lts, mut fv, mut fts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for label in u
+        .labels
+        .keys()
+        .chain(u.floors.keys().filter(|l| !u.labels.contains_key(*l)))
+    {
+        let all = u.labels.get(label).copied().unwrap_or_default();
+        let floor = u.floors.get(label).copied().unwrap_or_default();
+        labels.push(label.clone());
+        lv.push(all.v as i64);
+        lts.push(all.ts);
+        fv.push(floor.v as i64);
+        fts.push(floor.ts);
+    }
+    let (mut rl, mut ri, mut rv, mut rts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((label, id), v) in &u.rows {
+        rl.push(label.clone());
+        ri.push(id.clone());
+        rv.push(v.v as i64);
+        rts.push(v.ts);
+    }
+    let result = BackgroundWorker::transaction(move || {
+        Spi::run_with_args(
+            "INSERT INTO changerelay.label_versions AS t (label, v, ts, floor_v, floor_ts)
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+             ON CONFLICT (label) DO UPDATE SET
+                v = greatest(t.v, excluded.v),
+                ts = CASE WHEN excluded.v > t.v THEN excluded.ts ELSE t.ts END,
+                floor_v = greatest(t.floor_v, excluded.floor_v),
+                floor_ts = CASE WHEN excluded.floor_v > t.floor_v THEN excluded.floor_ts ELSE t.floor_ts END",
+            &[labels.into(), lv.into(), lts.into(), fv.into(), fts.into()],
+        )?;
+        if !rl.is_empty() {
+            Spi::run_with_args(
+                "INSERT INTO changerelay.row_versions AS t (label, identifier, v, ts)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[])
+                 ON CONFLICT (label, identifier) DO UPDATE SET
+                    v = greatest(t.v, excluded.v),
+                    ts = CASE WHEN excluded.v > t.v THEN excluded.ts ELSE t.ts END",
+                &[rl.into(), ri.into(), rv.into(), rts.into()],
+            )?;
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    });
+    if let Err(e) = result {
+        error!("pg_changerelay relay: could not persist versions: {e}");
+    }
+}
+
+fn apply_to_shared_memory(u: &VersionUpdates) {
+    let full = shmem::with_map_mut(|mut m| {
+        let mut full = Vec::new();
+        for (label, v) in &u.labels {
+            match m.ensure_label(label) {
+                Ok(i) => m.bump_all(i, *v),
+                Err(_) => full.push(label.clone()),
+            }
+        }
+        for (label, v) in &u.floors {
+            if let Ok(i) = m.ensure_label(label) {
+                m.raise_floor(i, *v);
+            }
+        }
+        for ((label, id), v) in &u.rows {
+            if let Ok(i) = m.ensure_label(label) {
+                m.bump_row(i, id.as_bytes(), *v);
+            }
+        }
+        full
+    })
+    .unwrap_or_default();
+    for label in full {
+        warning!("pg_changerelay relay: no room for label \"{label}\"; raise changerelay.max_labels");
+    }
+}
+
+/// Loads the persisted versions into shared memory (after a server restart).
+fn load_versions() {
+    let (labels, rows) = BackgroundWorker::transaction(|| {
+        let labels = Spi::connect(|c| {
+            let t = c.select(
+                "SELECT label, v, ts, floor_v, floor_ts FROM changerelay.label_versions
+                 UNION ALL
+                 SELECT DISTINCT label, 0, 0, 0, 0 FROM changerelay.tracked_tables
+                  WHERE label NOT IN (SELECT label FROM changerelay.label_versions)",
+                None,
+                &[],
+            )?;
+            t.map(|r| {
+                Ok::<_, pgrx::spi::Error>((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<i64>(2)?.unwrap_or(0),
+                    r.get::<i64>(3)?.unwrap_or(0),
+                    r.get::<i64>(4)?.unwrap_or(0),
+                    r.get::<i64>(5)?.unwrap_or(0),
+                ))
+            })
+            .collect::<Result<Vec<_>, _>>()
+        });
+        // Oldest first, so that when the map is smaller than the table the
+        // oldest rows are the ones evicted into the label floors.
+        let rows = Spi::connect(|c| {
+            let t = c.select(
+                "SELECT label, identifier, v, ts FROM changerelay.row_versions ORDER BY v",
+                None,
+                &[],
+            )?;
+            t.map(|r| {
+                Ok::<_, pgrx::spi::Error>((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<i64>(3)?.unwrap_or(0),
+                    r.get::<i64>(4)?.unwrap_or(0),
+                ))
+            })
+            .collect::<Result<Vec<_>, _>>()
+        });
+        match (labels, rows) {
+            (Ok(l), Ok(r)) => (l, r),
+            (Err(e), _) | (_, Err(e)) => error!("pg_changerelay relay: could not load versions: {e}"),
+        }
+    });
+    use changerelay_core::versions::Version;
+    let n = rows.len();
+    shmem::with_map_mut(|mut m| {
+        for (label, v, ts, fv, fts) in &labels {
+            if let Ok(i) = m.ensure_label(label) {
+                m.bump_all(i, Version { v: *v as u64, ts: *ts });
+                m.raise_floor(
+                    i,
+                    Version {
+                        v: *fv as u64,
+                        ts: *fts,
+                    },
+                );
+            }
+        }
+        for (label, id, v, ts) in &rows {
+            if let Ok(i) = m.ensure_label(label) {
+                m.bump_row(i, id.as_bytes(), Version { v: *v as u64, ts: *ts });
+            }
+        }
+    });
+    if let Some(s) = shmem::shared() {
+        s.status.loaded.store(true, Ordering::Release);
+    }
+    log!(
+        "pg_changerelay relay: loaded {} label(s) and {n} row version(s)",
+        labels.len()
+    );
+}

@@ -5,7 +5,8 @@ port=${1:-5499}
 psql() { command psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"; }
 
 psql <<'SQL'
-CREATE EXTENSION IF NOT EXISTS pg_changerelay;
+DROP EXTENSION IF EXISTS pg_changerelay CASCADE;  -- the demo cluster follows the build
+CREATE EXTENSION pg_changerelay;
 DROP TABLE IF EXISTS demo_settings;
 CREATE TABLE demo_settings (name text PRIMARY KEY, value jsonb, updated_at timestamptz DEFAULT now());
 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'changerelay_demo';

@@ -82,6 +82,9 @@ def main():
     a = ap.parse_args()
     with psycopg.connect(a.dsn, autocommit=True) as conn:
         conn.execute("SET work_mem = '256MB'")
+        # The relay worker would decode the same WAL on the other core; pause it.
+        conn.execute("ALTER SYSTEM SET changerelay.enabled = off")
+        conn.execute("SELECT pg_reload_conf()")
         slots, changed = write_workload(conn, a.rows, a.batch)
         results = []
         try:
@@ -93,6 +96,8 @@ def main():
         finally:
             for slot in slots:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            conn.execute("ALTER SYSTEM RESET changerelay.enabled")
+            conn.execute("SELECT pg_reload_conf()")
     base = next(r for r in results if r["plugin"] == "wal2json v2")
     print(f"\nDecoding {changed:,} changed rows (peek, best of {a.repeat}):\n")
     print("| plugin | rows/s | x wal2json | bytes | bytes vs wal2json |")

@@ -24,6 +24,16 @@ use state::{PluginState, TxnState};
 use std::borrow::Cow;
 use std::ffi::{c_char, CStr};
 
+/// Set when a decoded transaction changed the catalogs (it carries
+/// invalidations). A process that mixes decoding with normal catalog access
+/// (the relay worker) must then drop caches filled under historic snapshots.
+static CATALOG_CHANGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a transaction decoded since the last call changed the catalogs.
+pub fn take_catalog_changed() -> bool {
+    CATALOG_CHANGED.swap(false, std::sync::atomic::Ordering::AcqRel)
+}
+
 /// Entry point Postgres looks up when a slot uses the `pg_changerelay` plugin.
 ///
 /// # Safety

@@ -58,6 +58,8 @@ pub enum RelTracking {
 pub struct RelInfo {
     valid: bool,
     generation: u64,
+    /// Attributes in the descriptor this entry was built from.
+    natts: usize,
     cxt: pg_sys::MemoryContext,
     pub schema: String,
     pub table: String,
@@ -142,18 +144,15 @@ impl RelationCache {
         let fresh = self
             .map
             .get(&relid)
-            .is_some_and(|info| info.valid && info.generation == generation && info.columns.len() == natts);
+            .is_some_and(|info| info.valid && info.generation == generation && info.natts == natts);
         if !fresh {
             if let Some(old) = self.map.remove(&relid) {
                 // SAFETY: nothing refers to the stale entry's functions any more.
                 unsafe { pg_sys::MemoryContextDelete(old.cxt) };
             }
             // SAFETY: forwarded from the caller.
-            let mut info = unsafe { build(rel, self.parent, filter) };
+            let mut info = unsafe { build(rel, self.parent, filter, self.tracked.as_ref()) };
             info.generation = generation;
-            if let Some(t) = &self.tracked {
-                apply_tracking(&mut info, relid, t);
-            }
             self.map.insert(relid, info);
         }
         match self.map.get(&relid) {
@@ -186,9 +185,18 @@ unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) 
     }
 }
 
+/// Builds the entry for `rel`. Relations left out (by `tables` or, with
+/// `tracked`, by not being tracked) get no column information at all, so
+/// their changes cost no catalog lookups.
+///
 /// # Safety
 /// As for [`RelationCache::get`].
-unsafe fn build(rel: pg_sys::Relation, parent: pg_sys::MemoryContext, filter: Option<&TableFilter>) -> RelInfo {
+unsafe fn build(
+    rel: pg_sys::Relation,
+    parent: pg_sys::MemoryContext,
+    filter: Option<&TableFilter>,
+    tracked: Option<&TrackedSet>,
+) -> RelInfo {
     // SAFETY: `rel` and its rd_rel/rd_att are valid while the relation is open;
     // the catalog lookups run under the decoding snapshot set up by Postgres.
     unsafe {
@@ -199,65 +207,83 @@ unsafe fn build(rel: pg_sys::Relation, parent: pg_sys::MemoryContext, filter: Op
             pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
             pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
         );
+        let relid = (*rel).rd_id;
         let form = (*rel).rd_rel;
+        let natts = (*(*rel).rd_att).natts as usize;
         let schema = cstr_to_string(pg_sys::get_namespace_name((*form).relnamespace));
         let table = cstr_to_string((*form).relname.data.as_ptr());
-        let included = filter.is_none_or(|f| f.matches(&schema, &table));
-        let tupdesc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
-        let mut columns = Vec::with_capacity(tupdesc.len());
-        for i in 0..tupdesc.len() {
-            let Some(att) = tupdesc.get(i) else { continue };
-            columns.push(column_info(att, cxt));
-        }
+        let plan = tracked.map(|t| tracking_plan(relid, t));
+        let included = filter.is_none_or(|f| f.matches(&schema, &table)) && !matches!(plan, Some(None));
         let replident = (*form).relreplident as u8;
-        let replident_full = replident == pg_sys::REPLICA_IDENTITY_FULL;
-        let key_attrs = key_attributes(rel, replident, &columns);
-        RelInfo {
+        let mut info = RelInfo {
             valid: true,
             generation: 0,
+            natts,
             cxt,
             schema,
             table,
             included,
-            old_attrs: key_attrs.clone(),
-            columns,
-            key_attrs,
-            replident_full,
+            columns: Vec::new(),
+            key_attrs: Vec::new(),
+            old_attrs: Vec::new(),
+            replident_full: replident == pg_sys::REPLICA_IDENTITY_FULL,
             tracking: None,
+        };
+        if !included {
+            return info;
         }
+        let tupdesc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        for i in 0..tupdesc.len() {
+            let Some(att) = tupdesc.get(i) else { continue };
+            info.columns.push(column_info(att, cxt));
+        }
+        info.key_attrs = key_attributes(rel, replident, &info.columns);
+        info.old_attrs = info.key_attrs.clone();
+        if let Some(Some(plan)) = plan {
+            resolve_tracking(&mut info, plan);
+        }
+        info
     }
 }
 
-/// Restricts `info` to tracked tables and records where their changes go.
-fn apply_tracking(info: &mut RelInfo, relid: pg_sys::Oid, tracked: &TrackedSet) {
-    let column = |name: &str| info.columns.iter().position(|c| !c.dropped && c.name == name);
-    info.tracking = if relid == tracked.config_relid && tracked.config_relid != pg_sys::InvalidOid {
-        Some(RelTracking::Config {
-            label_attr: column(CONFIG_LABEL_COLUMN),
-        })
-    } else if let Some(t) = tracked.tables.get(&relid) {
-        let ident_attr = t.identifier.as_deref().and_then(column);
-        Some(RelTracking::Table {
-            label: t.label.clone(),
-            ident_attr,
-        })
+/// Where a relation's changes go, by column name (resolved after the
+/// columns are known). `None`: not tracked.
+enum TrackingPlan {
+    Table { label: String, identifier: Option<String> },
+    Config,
+}
+
+fn tracking_plan(relid: pg_sys::Oid, tracked: &TrackedSet) -> Option<TrackingPlan> {
+    if relid == tracked.config_relid && tracked.config_relid != pg_sys::InvalidOid {
+        Some(TrackingPlan::Config)
     } else {
-        None
+        tracked.tables.get(&relid).map(|t| TrackingPlan::Table {
+            label: t.label.clone(),
+            identifier: t.identifier.clone(),
+        })
+    }
+}
+
+/// Records where an included relation's changes go.
+fn resolve_tracking(info: &mut RelInfo, plan: TrackingPlan) {
+    let column = |name: &str| info.columns.iter().position(|c| !c.dropped && c.name == name);
+    let (tracking, extra) = match plan {
+        TrackingPlan::Config => {
+            let a = column(CONFIG_LABEL_COLUMN);
+            (RelTracking::Config { label_attr: a }, a)
+        }
+        TrackingPlan::Table { label, identifier } => {
+            let a = identifier.as_deref().and_then(column);
+            (RelTracking::Table { label, ident_attr: a }, a)
+        }
     };
-    info.included &= info.tracking.is_some();
     // The old row carries every column with REPLICA IDENTITY FULL.
-    let extra = match &info.tracking {
-        Some(RelTracking::Table {
-            ident_attr: Some(a), ..
-        }) => Some(*a),
-        Some(RelTracking::Config { label_attr: Some(a) }) => Some(*a),
-        _ => None,
-    };
     if let Some(a) = extra {
         if info.replident_full && !info.old_attrs.contains(&a) {
             info.old_attrs.push(a);
         }
     }
+    info.tracking = Some(tracking);
 }
 
 /// # Safety

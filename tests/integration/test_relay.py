@@ -346,3 +346,23 @@ def test_without_preloading_functions_say_how_to_fix_it():
             s.drop()
     finally:
         cluster.stop()
+
+
+def test_ddl_on_a_tracked_table_while_streaming(db, tracked):
+    """The worker keeps one decoding context; schema changes between writes must still decode."""
+    table, label = tracked
+    db.execute(f"INSERT INTO {table} VALUES ('a', '1')")
+    v1 = wait_until(lambda: version(db, label, "a"), what="before DDL")
+    db.execute(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 5")
+    db.execute(f"INSERT INTO {table} VALUES ('b', '2', 7)")
+    v2 = wait_until(lambda: version(db, label, "b"), what="after ADD COLUMN")
+    db.execute(f"ALTER TABLE {table} DROP COLUMN value")
+    db.execute(f"UPDATE {table} SET extra = 8 WHERE name = 'a'")
+    v3 = wait_until(lambda: (v := version(db, label, "a")) > v1 and v, what="after DROP COLUMN")
+    db.execute(f"ALTER TABLE {table} RENAME COLUMN extra TO renamed")
+    db.execute(f"ALTER TABLE {table} ALTER COLUMN renamed TYPE bigint")
+    db.execute(f"DELETE FROM {table} WHERE name = 'b'")
+    v4 = wait_until(lambda: (v := version(db, label, "b")) > v2 and v, what="after type change")
+    assert v1 < v2 < v3 < v4 == version(db, label)
+    st = db.execute("SELECT changerelay.status()").fetchone()[0]
+    assert st["worker"]["state"] == "streaming"

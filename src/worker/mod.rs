@@ -3,22 +3,26 @@
 //!
 //! Loop: wait on the latch (set by committing backends) or the poll
 //! interval; handle SIGHUP/SIGTERM; then one step:
-//!   peek a batch (whole transactions, bounded by `batch_changes`)
+//!   decode from the slot it holds (whole transactions, bounded by
+//!   `batch_changes`; see [`decoder`])
 //!   → persist the version updates in one transaction and commit
 //!   → apply them to shared memory and wake watchers
-//!   → advance the slot.
+//!   → confirm the position to the slot.
 //! A crash at any point re-decodes from the slot's confirmed position and
 //! re-applies; applying is idempotent (versions only move forward). Idle
-//! steps use read-only transactions (no transaction id) and still advance
-//! the slot, so it pins no WAL. Errors exit the worker; the postmaster
+//! steps run no transaction at all and still confirm the position decoded,
+//! so the slot pins no WAL. Errors exit the worker; the postmaster
 //! restarts it after `RESTART_DELAY`.
 
 use crate::gucs;
 use crate::shmem::{self, WorkerState};
 use crate::sql::select_one;
 use changerelay_core::apply::VersionUpdates;
+use changerelay_core::binary;
 use changerelay_core::lsn::lsn_to_string;
-use changerelay_core::{binary, Event};
+mod decoder;
+
+use decoder::Decoder;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
@@ -86,8 +90,8 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
     log!("pg_changerelay relay started: database \"{database}\", slot \"{slot}\"");
     let mut relay = Relay {
         slot,
-        slot_ready: false,
-        confirmed: 0,
+        decoder: None,
+        installed: false,
     };
     let mut sleep = Duration::ZERO;
     while BackgroundWorker::wait_latch(Some(sleep)) {
@@ -108,17 +112,8 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
 
 struct Relay {
     slot: String,
-    slot_ready: bool,
-    /// LSN the slot was last advanced to.
-    confirmed: u64,
-}
-
-/// One peeked batch.
-struct Batch {
-    /// (lsn, frame) rows; for a commit frame the lsn is the end of the commit record.
-    rows: Vec<(u64, Vec<u8>)>,
-    /// Flush position the peek decoded up to.
-    upto: u64,
+    decoder: Option<Decoder>,
+    installed: bool,
 }
 
 impl Relay {
@@ -132,38 +127,39 @@ impl Relay {
         // The slot comes first: with nothing tracked it decodes nothing, but
         // it must exist before anything can be tracked so that no tracked
         // change can fall between tracking and the slot's creation.
-        if !self.slot_ready {
-            self.ensure_slot();
+        let decoder = match &mut self.decoder {
+            Some(d) => d,
+            None => {
+                ensure_slot(&self.slot);
+                self.decoder.insert(Decoder::open(&self.slot))
+            }
+        };
+        if !self.installed {
+            let installed = BackgroundWorker::transaction(|| {
+                select_one::<bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_changerelay')",
+                    &[],
+                )
+            });
+            self.installed = matches!(installed, Ok(Some(true)));
         }
-        let installed = BackgroundWorker::transaction(|| {
-            select_one::<bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_changerelay')",
-                &[],
-            )
-        });
-        let installed = matches!(installed, Ok(Some(true)));
-        if installed && !shmem::shared().is_some_and(|s| s.status.loaded.load(Ordering::Acquire)) {
+        if self.installed && !shmem::shared().is_some_and(|s| s.status.loaded.load(Ordering::Acquire)) {
             set_state(WorkerState::Loading);
             load_versions();
         }
-        set_state(if installed {
+        set_state(if self.installed {
             WorkerState::Streaming
         } else {
             WorkerState::WaitingForExtension
         });
-        let limit = gucs::batch_changes();
-        let Some(batch) = self.peek(limit) else { return poll };
-        let full = batch.rows.len() >= limit as usize;
+        let (frames, end, more) = decoder.decode(gucs::batch_changes().max(1) as usize);
+        if frames.is_empty() && end <= decoder.confirmed() {
+            return poll;
+        }
         let mut updates = VersionUpdates::default();
-        let mut last_commit_end = 0u64;
-        for (lsn, frame) in &batch.rows {
+        for (lsn, frame) in &frames {
             match binary::read_event(frame) {
-                Ok(event) => {
-                    if matches!(event, Event::Commit(_)) {
-                        last_commit_end = *lsn;
-                    }
-                    updates.add(&event);
-                }
+                Ok(event) => updates.add(&event),
                 Err(e) => error!(
                     "pg_changerelay relay: undecodable frame at {}: {e}",
                     lsn_to_string(*lsn)
@@ -174,14 +170,7 @@ impl Relay {
             persist(&updates);
             apply_to_shared_memory(&updates);
         }
-        let target = if full {
-            last_commit_end
-        } else {
-            batch.upto.max(last_commit_end)
-        };
-        if target > self.confirmed {
-            self.advance(target);
-        }
+        decoder.confirm(end);
         if let Some(s) = shmem::shared() {
             if let Some(c) = updates.last_commit {
                 s.status.last_event_id.store(c.event_id, Ordering::Release);
@@ -189,106 +178,47 @@ impl Relay {
                     .last_commit_ts
                     .store(changerelay_core::time::unix_us_to_ms(c.commit_us), Ordering::Release);
             }
-            s.status.confirmed_lsn.store(self.confirmed, Ordering::Release);
+            s.status.confirmed_lsn.store(decoder.confirmed(), Ordering::Release);
             s.status.batches.fetch_add(1, Ordering::Relaxed);
             s.status.changes.fetch_add(updates.changes, Ordering::Relaxed);
         }
         if !updates.is_empty() {
             shmem::broadcast();
         }
-        if full {
+        if more {
             Duration::ZERO
         } else {
             poll
         }
     }
-
-    fn ensure_slot(&mut self) {
-        let slot = self.slot.clone();
-        let confirmed = BackgroundWorker::transaction(move || {
-            let existing = select_one::<i64>(
-                "SELECT (SELECT (coalesce(confirmed_flush_lsn, '0/0') - '0/0')::int8 FROM pg_catalog.pg_replication_slots
-                  WHERE slot_name = $1 AND plugin = 'pg_changerelay')",
-                &[slot.as_str().into()],
-            );
-            match existing {
-                Ok(Some(lsn)) => lsn,
-                Ok(None) => {
-                    log!("pg_changerelay relay: creating logical replication slot \"{slot}\"");
-                    match select_one::<i64>(
-                        "SELECT (lsn - '0/0')::int8 FROM pg_catalog.pg_create_logical_replication_slot($1, 'pg_changerelay')",
-                        &[slot.as_str().into()],
-                    ) {
-                        Ok(Some(lsn)) => lsn,
-                        Ok(None) => error!("pg_changerelay relay: slot creation returned nothing"),
-                        Err(e) => error!("pg_changerelay relay: could not create slot \"{slot}\": {e}"),
-                    }
-                }
-                Err(e) => error!("pg_changerelay relay: could not read pg_replication_slots: {e}"),
-            }
-        });
-        self.confirmed = confirmed.max(0) as u64;
-        self.slot_ready = true;
-    }
-
-    /// The next batch, or `None` when no WAL was flushed since the last advance.
-    fn peek(&self, limit: i32) -> Option<Batch> {
-        let slot = self.slot.clone();
-        let confirmed = self.confirmed;
-        BackgroundWorker::transaction(move || {
-            let upto = select_one::<i64>("SELECT (pg_catalog.pg_current_wal_flush_lsn() - '0/0')::int8", &[])
-                .ok()
-                .flatten()
-                .unwrap_or(0)
-                .max(0) as u64;
-            if upto <= confirmed {
-                return None;
-            }
-            quiet_decoding();
-            let rows = Spi::connect(|client| {
-                let t = client.select(
-                    "SELECT (lsn - '0/0')::int8, data FROM pg_catalog.pg_logical_slot_peek_binary_changes(
-                        $1, $2::pg_lsn, $3, 'format', 'binary', 'tracked', 'true', 'include_messages', 'false')",
-                    None,
-                    &[slot.as_str().into(), lsn_to_string(upto).into(), limit.into()],
-                )?;
-                t.map(|r| {
-                    Ok::<_, pgrx::spi::Error>((
-                        r.get::<i64>(1)?.unwrap_or(0) as u64,
-                        r.get::<Vec<u8>>(2)?.unwrap_or_default(),
-                    ))
-                })
-                .collect::<Result<Vec<_>, _>>()
-            });
-            match rows {
-                Ok(rows) => Some(Batch { rows, upto }),
-                Err(e) => error!("pg_changerelay relay: could not read slot \"{slot}\": {e}"),
-            }
-        })
-    }
-
-    fn advance(&mut self, target: u64) {
-        let slot = self.slot.clone();
-        let done = BackgroundWorker::transaction(move || {
-            quiet_decoding();
-            select_one::<i64>(
-                "SELECT (end_lsn - '0/0')::int8 FROM pg_catalog.pg_replication_slot_advance($1, $2::pg_lsn)",
-                &[slot.as_str().into(), lsn_to_string(target).into()],
-            )
-        });
-        match done {
-            Ok(Some(lsn)) => self.confirmed = lsn.max(0) as u64,
-            Ok(None) => {}
-            Err(e) => error!("pg_changerelay relay: could not advance slot \"{}\": {e}", self.slot),
-        }
-    }
 }
 
-/// Postgres logs every decoding context it starts ("starting logical
-/// decoding…", "found consistent point…") at LOG; the worker starts one per
-/// batch, so those lines are silenced for the current transaction only.
-fn quiet_decoding() {
-    let _ = select_one::<String>("SELECT pg_catalog.set_config('log_min_messages', 'warning', true)", &[]);
+/// Creates the worker's slot when it does not exist.
+fn ensure_slot(slot: &str) {
+    let slot = slot.to_string();
+    BackgroundWorker::transaction(move || {
+        let plugin = select_one::<String>(
+            "SELECT (SELECT plugin::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+            &[slot.as_str().into()],
+        );
+        match plugin {
+            Ok(Some(p)) if p == "pg_changerelay" => {}
+            Ok(Some(p)) => error!(
+                "pg_changerelay relay: replication slot \"{slot}\" uses plugin \"{p}\", not pg_changerelay; \
+                 drop it or set changerelay.slot_name to another name"
+            ),
+            Ok(None) => {
+                log!("pg_changerelay relay: creating logical replication slot \"{slot}\"");
+                if let Err(e) = select_one::<String>(
+                    "SELECT slot_name::text FROM pg_catalog.pg_create_logical_replication_slot($1, 'pg_changerelay')",
+                    &[slot.as_str().into()],
+                ) {
+                    error!("pg_changerelay relay: could not create slot \"{slot}\": {e}");
+                }
+            }
+            Err(e) => error!("pg_changerelay relay: could not read pg_replication_slots: {e}"),
+        }
+    });
 }
 
 /// Writes the batch's versions in one transaction.

@@ -1,0 +1,189 @@
+//! A decoding context the relay worker keeps for its whole life, the way a
+//! walsender does: the slot is acquired once, WAL is read forward from where
+//! the last round stopped, and progress is confirmed after each batch is
+//! applied. (The SQL functions pg_logical_slot_peek_changes() and
+//! pg_replication_slot_advance() build a new context every call and re-read
+//! WAL from the slot's restart_lsn each time.)
+
+use changerelay_core::lsn::lsn_to_string;
+use pgrx::prelude::*;
+use std::ffi::CString;
+
+/// Output of one round: (lsn, frame) pairs; for commit frames the lsn is the
+/// end of the commit record.
+pub type Frames = Vec<(u64, Vec<u8>)>;
+
+pub struct Decoder {
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    owner: pg_sys::ResourceOwner,
+    /// Where the output writer callbacks put frames (boxed: its address is
+    /// handed to Postgres).
+    out: Box<Frames>,
+}
+
+// Raw server symbols. The WAL page callbacks must be the C functions
+// themselves (pgrx's bindings are guarded Rust wrappers, whose addresses are
+// no C callbacks), and replication/decode.h is not in pgrx's bindings.
+unsafe extern "C-unwind" {
+    #[link_name = "read_local_xlog_page"]
+    fn c_read_local_xlog_page(
+        state: *mut pg_sys::XLogReaderState,
+        target_page: pg_sys::XLogRecPtr,
+        req_len: std::ffi::c_int,
+        target_rec: pg_sys::XLogRecPtr,
+        cur_page: *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+    #[link_name = "wal_segment_open"]
+    fn c_wal_segment_open(state: *mut pg_sys::XLogReaderState, seg: pg_sys::XLogSegNo, tli: *mut pg_sys::TimeLineID);
+    #[link_name = "wal_segment_close"]
+    fn c_wal_segment_close(state: *mut pg_sys::XLogReaderState);
+    fn LogicalDecodingProcessRecord(ctx: *mut pg_sys::LogicalDecodingContext, record: *mut pg_sys::XLogReaderState);
+}
+
+/// Options the worker decodes with.
+const OPTIONS: &[(&str, &str)] = &[("format", "binary"), ("tracked", "true"), ("include_messages", "false")];
+
+impl Decoder {
+    /// Acquires `slot` and sets up decoding from its confirmed position.
+    pub fn open(slot: &str) -> Decoder {
+        let Ok(slot_c) = CString::new(slot) else {
+            error!("slot name contains a NUL byte")
+        };
+        // SAFETY: main thread, outside any transaction, as a walsender would:
+        // a resource owner for decoding's own resources, the slot acquired
+        // for this process, and the context allocated in TopMemoryContext so
+        // it outlives every transaction the worker runs.
+        unsafe {
+            pg_sys::CheckLogicalDecodingRequirements();
+            let owner = pg_sys::ResourceOwnerCreate(std::ptr::null_mut(), c"pg_changerelay relay".as_ptr());
+            pg_sys::CurrentResourceOwner = owner;
+            pg_sys::ReplicationSlotAcquire(slot_c.as_ptr(), true);
+            let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+            let mut options: *mut pg_sys::List = std::ptr::null_mut();
+            for (name, value) in OPTIONS {
+                let name = pg_sys::pstrdup(CString::new(*name).unwrap_or_default().as_ptr());
+                let value = pg_sys::pstrdup(CString::new(*value).unwrap_or_default().as_ptr());
+                let elem = pg_sys::makeDefElem(name, pg_sys::makeString(value).cast(), -1);
+                options = pg_sys::lappend(options, elem.cast());
+            }
+            let mut routine = pg_sys::XLogReaderRoutine {
+                page_read: Some(c_read_local_xlog_page),
+                segment_open: Some(c_wal_segment_open),
+                segment_close: Some(c_wal_segment_close),
+            };
+            let ctx = pg_sys::CreateDecodingContext(
+                pg_sys::InvalidXLogRecPtr as u64,
+                options,
+                false,
+                &mut routine,
+                Some(prepare_write),
+                Some(do_write),
+                None,
+            );
+            pg_sys::MemoryContextSwitchTo(old);
+            let mut out = Box::new(Frames::new());
+            (*ctx).output_writer_private = std::ptr::from_mut(&mut *out).cast();
+            // Whole transactions committing after confirmed_flush must be
+            // accumulated, so reading starts at restart_lsn.
+            pg_sys::XLogBeginRead((*ctx).reader, (*pg_sys::MyReplicationSlot).data.restart_lsn);
+            pg_sys::CurrentResourceOwner = std::ptr::null_mut();
+            Decoder { ctx, owner, out }
+        }
+    }
+
+    /// The slot's confirmed position.
+    pub fn confirmed(&self) -> u64 {
+        // SAFETY: the slot is acquired by this process for the decoder's life.
+        unsafe { (*pg_sys::MyReplicationSlot).data.confirmed_flush }
+    }
+
+    /// Decodes up to the WAL flush position, stopping early (at a record
+    /// boundary, so only whole transactions) once `limit` frames are out.
+    /// Returns the frames, the position decoded up to, and whether it
+    /// stopped early.
+    pub fn decode(&mut self, limit: usize) -> (Frames, u64, bool) {
+        // SAFETY: main thread, outside a transaction; decoding starts and
+        // ends its own transactions for catalog access.
+        //
+        // Caches: this process also uses normal snapshots, for its own
+        // tables only (versions, history), which decoding never needs in an
+        // older shape. Entries decoding loads under historic snapshots are
+        // only wrong for normal use when a decoded transaction changed the
+        // catalogs; then every cache is dropped (logicalfuncs.c drops them
+        // around every call, which costs this loop ~1.5 ms per round).
+        unsafe {
+            let reader = (*self.ctx).reader;
+            let end_of_wal = pg_sys::GetFlushRecPtr(std::ptr::null_mut());
+            if (*reader).EndRecPtr >= end_of_wal {
+                return (Frames::new(), (*reader).EndRecPtr, false);
+            }
+            pg_sys::CurrentResourceOwner = self.owner;
+            let mut more = false;
+            while (*reader).EndRecPtr < end_of_wal {
+                let mut errm: *mut std::ffi::c_char = std::ptr::null_mut();
+                let record = pg_sys::XLogReadRecord(reader, &mut errm);
+                if !errm.is_null() {
+                    let msg = std::ffi::CStr::from_ptr(errm).to_string_lossy().into_owned();
+                    error!(
+                        "pg_changerelay relay: could not read WAL at {}: {msg}",
+                        lsn_to_string((*reader).EndRecPtr)
+                    );
+                }
+                if !record.is_null() {
+                    // An ERROR inside becomes a Rust panic, re-raised by pgrx.
+                    pg_sys::ffi::pg_guard_ffi_boundary(|| LogicalDecodingProcessRecord(self.ctx, reader));
+                }
+                if self.out.len() >= limit {
+                    more = (*reader).EndRecPtr < end_of_wal;
+                    break;
+                }
+                pg_sys::check_for_interrupts!();
+            }
+            if crate::plugin::take_catalog_changed() {
+                pg_sys::InvalidateSystemCaches();
+            }
+            pg_sys::CurrentResourceOwner = std::ptr::null_mut();
+            (std::mem::take(&mut *self.out), (*reader).EndRecPtr, more)
+        }
+    }
+
+    /// Records that everything before `lsn` has been applied.
+    pub fn confirm(&self, lsn: u64) {
+        if lsn <= self.confirmed() {
+            return;
+        }
+        // SAFETY: the slot is ours; this is what a walsender does on a reply.
+        unsafe {
+            pg_sys::LogicalConfirmReceivedLocation(lsn);
+            pg_sys::ReplicationSlotMarkDirty();
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn prepare_write(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _lsn: pg_sys::XLogRecPtr,
+    _xid: pg_sys::TransactionId,
+    _last_write: bool,
+) {
+    // SAFETY: ctx->out is the context's output buffer.
+    unsafe { pg_sys::resetStringInfo((*ctx).out) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn do_write(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    lsn: pg_sys::XLogRecPtr,
+    _xid: pg_sys::TransactionId,
+    _last_write: bool,
+) {
+    // SAFETY: output_writer_private is the decoder's boxed frame list, alive
+    // as long as the context; ctx->out holds `len` bytes.
+    unsafe {
+        let out = &mut *(*ctx).output_writer_private.cast::<Frames>();
+        let buf = &*(*ctx).out;
+        let bytes = std::slice::from_raw_parts(buf.data.cast::<u8>(), buf.len.max(0) as usize);
+        out.push((lsn, bytes.to_vec()));
+    }
+}

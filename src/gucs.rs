@@ -9,6 +9,7 @@
 //! | `changerelay.max_labels` | 1024 | postmaster |
 //! | `changerelay.poll_interval` | 1000 ms | sighup |
 //! | `changerelay.batch_changes` | 10000 | sighup |
+//! | `changerelay.history_retention` | 24h | sighup |
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
@@ -20,6 +21,7 @@ pub static MAX_TRACKED_ROWS: GucSetting<i32> = GucSetting::<i32>::new(65536);
 pub static MAX_LABELS: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10000);
+pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86400);
 
 /// Defines the settings; called from `_PG_init`. Postmaster-context settings
 /// can only be defined while preloading, so those are skipped otherwise.
@@ -51,6 +53,16 @@ pub fn define(preloading: bool) {
         1_000_000,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.history_retention",
+        c"How long the relay worker keeps change history.",
+        c"Older history is pruned; cursors older than this raise an error telling clients to reload and continue from current_cursor().",
+        &HISTORY_RETENTION_S,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     if !preloading {
         return;
@@ -127,4 +139,8 @@ pub fn poll_interval() -> std::time::Duration {
 
 pub fn batch_changes() -> i32 {
     BATCH_CHANGES.get().max(100)
+}
+
+pub fn history_retention() -> std::time::Duration {
+    std::time::Duration::from_secs(HISTORY_RETENTION_S.get().max(1) as u64)
 }

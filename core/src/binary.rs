@@ -132,6 +132,7 @@ mod tests {
             old: None,
             unchanged_toast: vec![],
             tracking: Some(Tracking {
+                relid: 1,
                 label: "l".into(),
                 identifier: Some("1".into()),
                 old_identifier: None,

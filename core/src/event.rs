@@ -64,6 +64,8 @@ pub struct Change<'a> {
 /// Where a change of a tracked table lands in the version map.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Tracking<'a> {
+    /// OID of the table (for privilege checks on its history).
+    pub relid: u32,
     pub label: Cow<'a, str>,
     /// The row's identifier (the value of the identifier column, as text).
     pub identifier: Option<Cow<'a, str>>,
@@ -82,8 +84,29 @@ pub struct Truncate<'a> {
     pub tables: Vec<Cow<'a, str>>,
     pub cascade: bool,
     pub restart_identity: bool,
-    /// With the `tracked` option: labels of the truncated tables.
-    pub labels: Vec<Cow<'a, str>>,
+    /// With the `tracked` option: the truncated tracked tables.
+    pub tracked: Vec<TruncatedTable<'a>>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TruncatedTable<'a> {
+    pub relid: u32,
+    /// Schema-qualified name.
+    pub table: Cow<'a, str>,
+    pub label: Cow<'a, str>,
+}
+
+impl Truncate<'_> {
+    /// Labels of the truncated tracked tables, each once, in order.
+    pub fn labels(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for t in &self.tracked {
+            if !out.contains(&t.label.as_ref()) {
+                out.push(&t.label);
+            }
+        }
+        out
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

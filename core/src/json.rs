@@ -144,9 +144,10 @@ fn write_truncate(t: &Truncate<'_>, out: &mut Vec<u8>) {
     push_bool(out, t.cascade);
     out.extend_from_slice(b",\"restart_identity\":");
     push_bool(out, t.restart_identity);
-    if !t.labels.is_empty() {
+    let labels = t.labels();
+    if !labels.is_empty() {
         out.extend_from_slice(b",\"labels\":[");
-        for (i, label) in t.labels.iter().enumerate() {
+        for (i, label) in labels.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
@@ -472,6 +473,7 @@ mod tests {
             old: None,
             unchanged_toast: vec![],
             tracking: Some(Tracking {
+                relid: 16384,
                 label: "parameters".into(),
                 identifier: Some("WAFCONFIG".into()),
                 old_identifier: None,
@@ -495,7 +497,7 @@ mod tests {
             tables: vec!["public.a".into(), "public.b".into()],
             cascade: true,
             restart_identity: false,
-            labels: vec![],
+            tracked: vec![],
         };
         assert_eq!(
             parse(&Event::Truncate(t)),

@@ -8,7 +8,9 @@
 
 pub mod apply;
 pub mod binary;
+pub mod cursor;
 pub mod event;
+pub mod filter;
 pub mod json;
 pub mod lsn;
 pub mod metadata;

@@ -13,7 +13,9 @@ mod tracked;
 mod values;
 
 use crate::errors::raise;
-use changerelay_core::event::{Change, Commit, Event, Message, MessageContent, MetadataEvent, Op, Tracking, Truncate};
+use changerelay_core::event::{
+    Change, Commit, Event, Message, MessageContent, MetadataEvent, Op, Tracking, Truncate, TruncatedTable,
+};
 use changerelay_core::metadata::{self, METADATA_PREFIX};
 use changerelay_core::options::{Format, Options};
 use changerelay_core::time::pg_timestamp_to_unix_us;
@@ -286,6 +288,7 @@ fn tracking_of<'a>(
                 .and_then(|r| r.text_of(attr))
                 .or_else(|| old.and_then(|r| r.text_of(attr)))?;
             Some(Tracking {
+                relid: info.relid,
                 label,
                 identifier: None,
                 old_identifier: None,
@@ -294,6 +297,7 @@ fn tracking_of<'a>(
         }
         RelTracking::Table { label, ident_attr } => {
             let mut t = Tracking {
+                relid: info.relid,
                 label: Cow::Borrowed(label.as_str()),
                 identifier: None,
                 old_identifier: None,
@@ -332,16 +336,18 @@ unsafe extern "C-unwind" fn truncate(
     // SAFETY: switching to our per-change context, reset below.
     let old_cxt = unsafe { pg_sys::MemoryContextSwitchTo(state.change_cxt) };
     let mut tables = Vec::new();
-    let mut labels: Vec<Cow<'_, str>> = Vec::new();
+    let mut tracked: Vec<TruncatedTable<'_>> = Vec::new();
     for i in 0..nrelations.max(0) as usize {
         // SAFETY: `rels` holds `nrelations` open relations.
         let info = unsafe { state.relations.get(*rels.add(i), state.options.tables.as_ref()) };
         if info.included {
             tables.push(Cow::Owned(info.qualified_name()));
             if let Some(RelTracking::Table { label, .. }) = &info.tracking {
-                if !labels.iter().any(|l| l == label) {
-                    labels.push(Cow::Owned(label.clone()));
-                }
+                tracked.push(TruncatedTable {
+                    relid: info.relid,
+                    table: Cow::Owned(info.qualified_name()),
+                    label: Cow::Owned(label.clone()),
+                });
             }
         }
     }
@@ -355,7 +361,7 @@ unsafe extern "C-unwind" fn truncate(
             tables,
             cascade,
             restart_identity,
-            labels,
+            tracked,
         });
         let (format, include) = (state.options.format, state.options.include_transaction);
         // SAFETY: ctx is live.

@@ -60,6 +60,7 @@ pub struct RelInfo {
     generation: u64,
     /// Attributes in the descriptor this entry was built from.
     natts: usize,
+    pub relid: u32,
     cxt: pg_sys::MemoryContext,
     pub schema: String,
     pub table: String,
@@ -219,6 +220,7 @@ unsafe fn build(
             valid: true,
             generation: 0,
             natts,
+            relid: relid.to_u32(),
             cxt,
             schema,
             table,

@@ -36,8 +36,9 @@ CREATE TABLE changerelay.row_versions (
     ts bigint NOT NULL,
     PRIMARY KEY (label, identifier)
 );
+GRANT USAGE ON SCHEMA changerelay TO PUBLIC;
 REVOKE ALL ON changerelay.tracked_tables, changerelay.label_versions, changerelay.row_versions FROM PUBLIC;
-GRANT SELECT ON changerelay.tracked_tables TO PUBLIC;
+GRANT SELECT ON changerelay.tracked_tables, changerelay.label_versions TO PUBLIC;
 "#,
     name = "tracking_tables",
     bootstrap

@@ -96,6 +96,8 @@ struct LabelVersions {
 
 fn label_versions(label: &str) -> LabelVersions {
     require_preloaded();
+    // Row identifiers are row data: only for roles that can read the tables.
+    crate::sql::check_label_access(label);
     if loaded() {
         // Copy under the shared lock; long identifiers are resolved after.
         let snapshot = shmem::with_map(|m| {

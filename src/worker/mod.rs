@@ -17,7 +17,7 @@
 use crate::gucs;
 use crate::shmem::{self, WorkerState};
 use crate::sql::select_one;
-use changerelay_core::apply::VersionUpdates;
+use changerelay_core::apply::{HistoryRow, VersionUpdates};
 use changerelay_core::binary;
 use changerelay_core::lsn::lsn_to_string;
 mod decoder;
@@ -92,6 +92,7 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         slot,
         decoder: None,
         installed: false,
+        last_prune: None,
     };
     let mut sleep = Duration::ZERO;
     while BackgroundWorker::wait_latch(Some(sleep)) {
@@ -114,6 +115,7 @@ struct Relay {
     slot: String,
     decoder: Option<Decoder>,
     installed: bool,
+    last_prune: Option<std::time::Instant>,
 }
 
 impl Relay {
@@ -127,13 +129,10 @@ impl Relay {
         // The slot comes first: with nothing tracked it decodes nothing, but
         // it must exist before anything can be tracked so that no tracked
         // change can fall between tracking and the slot's creation.
-        let decoder = match &mut self.decoder {
-            Some(d) => d,
-            None => {
-                ensure_slot(&self.slot);
-                self.decoder.insert(Decoder::open(&self.slot))
-            }
-        };
+        if self.decoder.is_none() {
+            ensure_slot(&self.slot);
+            self.decoder = Some(Decoder::open(&self.slot));
+        }
         if !self.installed {
             let installed = BackgroundWorker::transaction(|| {
                 select_one::<bool>(
@@ -152,6 +151,12 @@ impl Relay {
         } else {
             WorkerState::WaitingForExtension
         });
+        if self.installed {
+            self.maybe_prune();
+        }
+        let Some(decoder) = self.decoder.as_mut() else {
+            return poll;
+        };
         let (frames, end, more) = decoder.decode(gucs::batch_changes().max(1) as usize);
         if frames.is_empty() && end <= decoder.confirmed() {
             return poll;
@@ -189,6 +194,42 @@ impl Relay {
             Duration::ZERO
         } else {
             poll
+        }
+    }
+}
+
+impl Relay {
+    /// Prunes history older than `changerelay.history_retention`, at most
+    /// every tenth of the retention (between 1 s and 1 min). Writes (and so
+    /// takes a transaction id) only when there is something to prune.
+    fn maybe_prune(&mut self) {
+        let retention = gucs::history_retention();
+        let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        if self.last_prune.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last_prune = Some(std::time::Instant::now());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let cutoff = now_ms - retention.as_millis() as i64;
+        let cut = BackgroundWorker::transaction(move || {
+            select_one::<i64>(
+                "SELECT max(event_id) FROM changerelay.history WHERE ts < $1",
+                &[cutoff.into()],
+            )
+        });
+        let Ok(Some(cut)) = cut else { return };
+        let done = BackgroundWorker::transaction(move || {
+            Spi::run_with_args("DELETE FROM changerelay.history WHERE event_id <= $1", &[cut.into()])?;
+            Spi::run_with_args(
+                "UPDATE changerelay.history_horizon SET event_id = greatest(event_id, $1)",
+                &[cut.into()],
+            )
+        });
+        if let Err(e) = done {
+            error!("pg_changerelay relay: could not prune history: {e}");
         }
     }
 }
@@ -245,6 +286,7 @@ fn persist(u: &VersionUpdates) {
         rv.push(v.v as i64);
         rts.push(v.ts);
     }
+    let history = u.history.clone();
     let result = BackgroundWorker::transaction(move || {
         Spi::run_with_args(
             "INSERT INTO changerelay.label_versions AS t (label, v, ts, floor_v, floor_ts)
@@ -266,11 +308,57 @@ fn persist(u: &VersionUpdates) {
                 &[rl.into(), ri.into(), rv.into(), rts.into()],
             )?;
         }
+        for chunk in history.chunks(HISTORY_CHUNK) {
+            insert_history(chunk)?;
+        }
         Ok::<_, pgrx::spi::Error>(())
     });
     if let Err(e) = result {
         error!("pg_changerelay relay: could not persist versions: {e}");
     }
+}
+
+/// History rows inserted per statement (bounds the argument arrays).
+const HISTORY_CHUNK: usize = 5000;
+
+/// Inserts history rows; rows already there (a batch re-applied after a
+/// crash) are left alone.
+fn insert_history(rows: &[HistoryRow]) -> Result<(), pgrx::spi::Error> {
+    let col = |f: &dyn Fn(&HistoryRow) -> Option<String>| rows.iter().map(f).collect::<Vec<Option<String>>>();
+    let event_ids: Vec<i64> = rows.iter().map(|r| r.event_id as i64).collect();
+    let pos: Vec<i32> = rows.iter().map(|r| r.pos as i32).collect();
+    let seq: Vec<i32> = rows.iter().map(|r| r.seq as i32).collect();
+    let ts: Vec<i64> = rows.iter().map(|r| r.ts).collect();
+    let xid: Vec<i64> = rows.iter().map(|r| i64::from(r.xid)).collect();
+    let relid: Vec<i64> = rows.iter().map(|r| i64::from(r.relid)).collect();
+    let label: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
+    let table: Vec<String> = rows.iter().map(|r| r.table_name.clone()).collect();
+    let op: Vec<String> = rows.iter().map(|r| r.op.to_string()).collect();
+    Spi::run_with_args(
+        "INSERT INTO changerelay.history
+                (event_id, pos, seq, ts, xid, relid, label, table_name, op, identifier, key, new, old, metadata)
+         SELECT e, p, s, t, x, r::oid, l, tn, o, i, k::jsonb, n::jsonb, ol::jsonb, m::jsonb
+           FROM unnest($1::int8[], $2::int4[], $3::int4[], $4::int8[], $5::int8[], $6::int8[], $7::text[],
+                       $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
+                AS u(e, p, s, t, x, r, l, tn, o, i, k, n, ol, m)
+         ON CONFLICT (event_id, pos) DO NOTHING",
+        &[
+            event_ids.into(),
+            pos.into(),
+            seq.into(),
+            ts.into(),
+            xid.into(),
+            relid.into(),
+            label.into(),
+            table.into(),
+            op.into(),
+            col(&|r| r.identifier.clone()).into(),
+            col(&|r| r.key.clone()).into(),
+            col(&|r| r.new.clone()).into(),
+            col(&|r| r.old.clone()).into(),
+            col(&|r| r.metadata.clone()).into(),
+        ],
+    )
 }
 
 fn apply_to_shared_memory(u: &VersionUpdates) {

@@ -44,12 +44,16 @@ CREATE INDEX history_ts ON changerelay.history USING brin (ts);
 ALTER TABLE changerelay.history ENABLE ROW LEVEL SECURITY;
 CREATE POLICY history_readable ON changerelay.history FOR SELECT
     USING (coalesce(pg_catalog.has_table_privilege(relid, 'SELECT'), false));
--- History at or before (event_id, end of that transaction) has been pruned.
+-- event_id: history at or before (event_id, end of that transaction) has been
+-- pruned. applied: the last transaction the relay worker applied; written in
+-- the same transaction as its history, so a batch decoded again after a
+-- crash is recognised and skipped instead of written twice.
 CREATE TABLE changerelay.history_horizon (
     one bool PRIMARY KEY DEFAULT true CHECK (one),
-    event_id bigint NOT NULL
+    event_id bigint NOT NULL,
+    applied bigint NOT NULL DEFAULT 0
 );
-INSERT INTO changerelay.history_horizon VALUES (true, 0);
+INSERT INTO changerelay.history_horizon VALUES (true, 0, 0);
 REVOKE ALL ON changerelay.history, changerelay.history_horizon FROM PUBLIC;
 GRANT SELECT ON changerelay.history, changerelay.history_horizon TO PUBLIC;
 "#,

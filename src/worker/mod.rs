@@ -262,7 +262,11 @@ fn ensure_slot(slot: &str) {
     });
 }
 
-/// Writes the batch's versions in one transaction.
+/// Writes the batch's versions and history in one transaction, together
+/// with the event id it has applied through. Transactions at or below that
+/// mark were applied before (the batch is being decoded again after a crash
+/// or restart): their history is skipped, their versions are harmless to
+/// apply again (they only move forward).
 fn persist(u: &VersionUpdates) {
     let mut labels: Vec<String> = Vec::new();
     let (mut lv, mut lts, mut fv, mut fts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -287,7 +291,10 @@ fn persist(u: &VersionUpdates) {
         rts.push(v.ts);
     }
     let history = u.history.clone();
+    let through = u.last_commit.map(|c| c.event_id as i64).unwrap_or(0);
     let result = BackgroundWorker::transaction(move || {
+        // Only this process writes the mark, so no row lock is needed.
+        let applied = select_one::<i64>("SELECT applied FROM changerelay.history_horizon", &[])?.unwrap_or(0);
         Spi::run_with_args(
             "INSERT INTO changerelay.label_versions AS t (label, v, ts, floor_v, floor_ts)
              SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
@@ -308,8 +315,12 @@ fn persist(u: &VersionUpdates) {
                 &[rl.into(), ri.into(), rv.into(), rts.into()],
             )?;
         }
-        for chunk in history.chunks(HISTORY_CHUNK) {
+        let fresh: Vec<HistoryRow> = history.into_iter().filter(|r| r.event_id as i64 > applied).collect();
+        for chunk in fresh.chunks(HISTORY_CHUNK) {
             insert_history(chunk)?;
+        }
+        if through > applied {
+            Spi::run_with_args("UPDATE changerelay.history_horizon SET applied = $1", &[through.into()])?;
         }
         Ok::<_, pgrx::spi::Error>(())
     });
@@ -321,8 +332,8 @@ fn persist(u: &VersionUpdates) {
 /// History rows inserted per statement (bounds the argument arrays).
 const HISTORY_CHUNK: usize = 5000;
 
-/// Inserts history rows; rows already there (a batch re-applied after a
-/// crash) are left alone.
+/// Inserts history rows. A row already there means the applied mark is
+/// wrong: that is an error (the worker restarts), never a silent skip.
 fn insert_history(rows: &[HistoryRow]) -> Result<(), pgrx::spi::Error> {
     let col = |f: &dyn Fn(&HistoryRow) -> Option<String>| rows.iter().map(f).collect::<Vec<Option<String>>>();
     let event_ids: Vec<i64> = rows.iter().map(|r| r.event_id as i64).collect();
@@ -340,8 +351,7 @@ fn insert_history(rows: &[HistoryRow]) -> Result<(), pgrx::spi::Error> {
          SELECT e, p, s, t, x, r::oid, l, tn, o, i, k::jsonb, n::jsonb, ol::jsonb, m::jsonb
            FROM unnest($1::int8[], $2::int4[], $3::int4[], $4::int8[], $5::int8[], $6::int8[], $7::text[],
                        $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
-                AS u(e, p, s, t, x, r, l, tn, o, i, k, n, ol, m)
-         ON CONFLICT (event_id, pos) DO NOTHING",
+                AS u(e, p, s, t, x, r, l, tn, o, i, k, n, ol, m)",
         &[
             event_ids.into(),
             pos.into(),

@@ -54,6 +54,28 @@ pub struct VersionUpdates {
     pub changes: u64,
 }
 
+impl HistoryRow {
+    /// A row of a change in transaction `txn`; `pos` is set when it is queued.
+    fn new(txn: &TxnHeader, seq: u32, relid: u32, label: &str, table_name: String, op: &'static str) -> HistoryRow {
+        HistoryRow {
+            event_id: txn.event_id,
+            pos: 0,
+            seq,
+            ts: unix_us_to_ms(txn.commit_us),
+            xid: txn.xid,
+            relid,
+            label: label.to_string(),
+            table_name,
+            op,
+            identifier: None,
+            key: None,
+            new: None,
+            old: None,
+            metadata: None,
+        }
+    }
+}
+
 fn version_of(h: &TxnHeader) -> Version {
     Version {
         v: h.event_id,
@@ -92,22 +114,13 @@ impl VersionUpdates {
                 if (c.schema.as_ref(), c.table.as_ref()) == CONFIG_TABLE {
                     return;
                 }
-                self.pending.push(HistoryRow {
-                    event_id: c.txn.event_id,
-                    pos: self.pending.len() as u32,
-                    seq: c.seq,
-                    ts: v.ts,
-                    xid: c.txn.xid,
-                    relid: t.relid,
-                    label: t.label.to_string(),
-                    table_name: format!("{}.{}", c.schema, c.table),
-                    op: c.op.as_str(),
-                    identifier: t.identifier.as_ref().map(|s| s.to_string()),
-                    key: row_json(&c.key),
-                    new: row_json(&c.new),
-                    old: row_json(&c.old),
-                    metadata: None,
-                });
+                let table = format!("{}.{}", c.schema, c.table);
+                let mut row = HistoryRow::new(&c.txn, c.seq, t.relid, &t.label, table, c.op.as_str());
+                row.identifier = t.identifier.as_ref().map(|s| s.to_string());
+                row.key = row_json(&c.key);
+                row.new = row_json(&c.new);
+                row.old = row_json(&c.old);
+                self.queue(row);
             }
             Event::Truncate(t) => {
                 self.changes += 1;
@@ -117,22 +130,15 @@ impl VersionUpdates {
                     raise(&mut self.floors, label.to_string(), v);
                 }
                 for table in &t.tracked {
-                    self.pending.push(HistoryRow {
-                        event_id: t.txn.event_id,
-                        pos: self.pending.len() as u32,
-                        seq: t.seq,
-                        ts: v.ts,
-                        xid: t.txn.xid,
-                        relid: table.relid,
-                        label: table.label.to_string(),
-                        table_name: table.table.to_string(),
-                        op: "truncate",
-                        identifier: None,
-                        key: None,
-                        new: None,
-                        old: None,
-                        metadata: None,
-                    });
+                    let row = HistoryRow::new(
+                        &t.txn,
+                        t.seq,
+                        table.relid,
+                        &table.label,
+                        table.table.to_string(),
+                        "truncate",
+                    );
+                    self.queue(row);
                 }
             }
             Event::Commit(c) => {
@@ -146,6 +152,12 @@ impl VersionUpdates {
             }
             Event::Message(_) | Event::Metadata(_) => {}
         }
+    }
+
+    /// Queues a row of the transaction being read, at the next position.
+    fn queue(&mut self, mut row: HistoryRow) {
+        row.pos = self.pending.len() as u32;
+        self.pending.push(row);
     }
 
     pub fn is_empty(&self) -> bool {

@@ -61,3 +61,12 @@ pub fn check_label_access(label: &str) {
         );
     }
 }
+
+/// Runs a read-only query and maps every row with `f`.
+pub fn select_all<T>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+    mut f: impl FnMut(&pgrx::spi::SpiHeapTupleData<'_>) -> Result<T, pgrx::spi::Error>,
+) -> Result<Vec<T>, pgrx::spi::Error> {
+    pgrx::Spi::connect(|client| client.select(sql, None, args)?.map(|row| f(&row)).collect())
+}

@@ -310,21 +310,17 @@ fn tracked() -> TableIterator<
     ),
 > {
     require_preloaded();
-    let rows = Spi::connect(|client| {
-        let t = client.select(
-            "SELECT label, rel::text, identifier FROM changerelay.tracked_tables ORDER BY label, rel::text",
-            None,
-            &[],
-        )?;
-        t.map(|r| {
-            Ok::<_, pgrx::spi::Error>((
+    let rows = crate::sql::select_all(
+        "SELECT label, rel::text, identifier FROM changerelay.tracked_tables ORDER BY label, rel::text",
+        &[],
+        |r| {
+            Ok((
                 r.get::<String>(1)?.unwrap_or_default(),
                 r.get::<String>(2)?.unwrap_or_default(),
                 r.get::<String>(3)?,
             ))
-        })
-        .collect::<Result<Vec<_>, _>>()
-    });
+        },
+    );
     match rows {
         Ok(rows) => TableIterator::new(rows),
         Err(e) => raise(

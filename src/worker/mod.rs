@@ -16,7 +16,7 @@
 
 use crate::gucs;
 use crate::shmem::{self, WorkerState};
-use crate::sql::select_one;
+use crate::sql::{select_all, select_one};
 use changerelay_core::apply::{HistoryRow, VersionUpdates};
 use changerelay_core::binary;
 use changerelay_core::lsn::lsn_to_string;
@@ -401,44 +401,28 @@ fn apply_to_shared_memory(u: &VersionUpdates) {
 /// Loads the persisted versions into shared memory (after a server restart).
 fn load_versions() {
     let (labels, rows) = BackgroundWorker::transaction(|| {
-        let labels = Spi::connect(|c| {
-            let t = c.select(
-                "SELECT label, v, ts, floor_v, floor_ts FROM changerelay.label_versions
-                 UNION ALL
-                 SELECT DISTINCT label, 0, 0, 0, 0 FROM changerelay.tracked_tables
-                  WHERE label NOT IN (SELECT label FROM changerelay.label_versions)",
-                None,
-                &[],
-            )?;
-            t.map(|r| {
-                Ok::<_, pgrx::spi::Error>((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<i64>(2)?.unwrap_or(0),
-                    r.get::<i64>(3)?.unwrap_or(0),
-                    r.get::<i64>(4)?.unwrap_or(0),
-                    r.get::<i64>(5)?.unwrap_or(0),
-                ))
-            })
-            .collect::<Result<Vec<_>, _>>()
-        });
+        let labels = select_all(
+            "SELECT label, v, ts, floor_v, floor_ts FROM changerelay.label_versions
+             UNION ALL
+             SELECT DISTINCT label, 0, 0, 0, 0 FROM changerelay.tracked_tables
+              WHERE label NOT IN (SELECT label FROM changerelay.label_versions)",
+            &[],
+            |r| {
+                let n = |i| r.get::<i64>(i).map(|v| v.unwrap_or(0));
+                Ok((r.get::<String>(1)?.unwrap_or_default(), n(2)?, n(3)?, n(4)?, n(5)?))
+            },
+        );
         // Oldest first, so that when the map is smaller than the table the
         // oldest rows are the ones evicted into the label floors.
-        let rows = Spi::connect(|c| {
-            let t = c.select(
-                "SELECT label, identifier, v, ts FROM changerelay.row_versions ORDER BY v",
-                None,
-                &[],
-            )?;
-            t.map(|r| {
-                Ok::<_, pgrx::spi::Error>((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?.unwrap_or_default(),
-                    r.get::<i64>(3)?.unwrap_or(0),
-                    r.get::<i64>(4)?.unwrap_or(0),
-                ))
-            })
-            .collect::<Result<Vec<_>, _>>()
-        });
+        let rows = select_all(
+            "SELECT label, identifier, v, ts FROM changerelay.row_versions ORDER BY v",
+            &[],
+            |r| {
+                let text = |i| r.get::<String>(i).map(|v| v.unwrap_or_default());
+                let n = |i| r.get::<i64>(i).map(|v| v.unwrap_or(0));
+                Ok((text(1)?, text(2)?, n(3)?, n(4)?))
+            },
+        );
         match (labels, rows) {
             (Ok(l), Ok(r)) => (l, r),
             (Err(e), _) | (_, Err(e)) => error!("pg_changerelay relay: could not load versions: {e}"),

@@ -213,6 +213,7 @@ unsafe extern "C-unwind" fn change(
     if info.included {
         // SAFETY: the tuples belong to `relation`, whose descriptor we pass.
         let (new_tuple, old_tuple) = unsafe { compat::change_tuples(change) };
+        // SAFETY: `relation` is open for the callback; its descriptor matches the tuples.
         let tupdesc = unsafe { (*relation).rd_att };
         let full_old = info.replident_full && options.include_old;
         // SAFETY: as above; rows are dropped before the context reset.

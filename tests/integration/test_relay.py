@@ -292,6 +292,8 @@ class ExtraCluster:
 
     def stop(self):
         subprocess.run([CLUSTER, "stop", self.dir], check=False, timeout=120)
+        # Keep the server log for post-mortems, drop the data.
+        subprocess.run(["cp", os.path.join(self.dir, "server.log"), self.dir + ".log"], check=False)
         subprocess.run(["rm", "-rf", self.dir], check=False)
 
 

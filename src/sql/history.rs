@@ -180,21 +180,8 @@ fn current_cursor() -> String {
 /// Checks `labels` exist and that the caller may read every table of each.
 fn check_labels(labels: &[String]) {
     for label in labels {
-        let known = select_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM changerelay.tracked_tables WHERE label = $1)
-                 OR EXISTS (SELECT 1 FROM changerelay.label_versions WHERE label = $1)",
-            &[label.as_str().into()],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-        if !known {
-            raise(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                format!("label \"{label}\" is not tracked"),
-                None,
-                "changerelay.tracked() lists the labels.",
-            );
+        if !crate::sql::label_known(label) {
+            crate::sql::unknown_label(label);
         }
         crate::sql::check_label_access(label);
     }

@@ -70,3 +70,25 @@ pub fn select_all<T>(
 ) -> Result<Vec<T>, pgrx::spi::Error> {
     pgrx::Spi::connect(|client| client.select(sql, None, args)?.map(|row| f(&row)).collect())
 }
+
+/// Whether `label` is tracked now or has versions from before.
+pub fn label_known(label: &str) -> bool {
+    select_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM changerelay.tracked_tables WHERE label = $1)
+             OR EXISTS (SELECT 1 FROM changerelay.label_versions WHERE label = $1)",
+        &[label.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// Raises the error for a label that is not tracked.
+pub fn unknown_label(label: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("label \"{label}\" is not tracked"),
+        None,
+        "changerelay.tracked() lists the labels; changerelay.track() adds one.",
+    )
+}

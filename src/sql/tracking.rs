@@ -98,42 +98,31 @@ fn rel_facts(rel: pg_sys::Oid) -> RelFacts {
     }
 }
 
-/// Columns of the replica identity (or every column with REPLICA IDENTITY FULL: `None`).
-fn identity_columns(rel: pg_sys::Oid, replident: &str) -> Option<Vec<String>> {
-    if replident == "f" {
-        return None;
-    }
-    let filter = match replident {
-        "d" => "i.indisprimary",
-        "i" => "i.indisreplident",
-        _ => return Some(Vec::new()),
-    };
+/// Columns of `rel`'s indexes matching `filter` (a condition on pg_index `i`).
+fn index_columns(rel: pg_sys::Oid, filter: &str) -> Vec<String> {
     let sql = format!(
         "SELECT a.attname::text FROM pg_catalog.pg_index i
            JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
           WHERE i.indrelid = $1 AND {filter} ORDER BY a.attnum"
     );
-    let cols = Spi::connect(|client| {
-        let t = client.select(&sql, None, &[rel.into()])?;
-        t.map(|r| r.get::<String>(1).map(|v| v.unwrap_or_default()))
-            .collect::<Result<Vec<_>, _>>()
-    });
-    Some(cols.unwrap_or_default())
+    crate::sql::select_all(&sql, &[rel.into()], |r| {
+        r.get::<String>(1).map(|v| v.unwrap_or_default())
+    })
+    .unwrap_or_default()
+}
+
+/// Columns of the replica identity (or every column with REPLICA IDENTITY FULL: `None`).
+fn identity_columns(rel: pg_sys::Oid, replident: &str) -> Option<Vec<String>> {
+    match replident {
+        "f" => None,
+        "d" => Some(primary_key_columns(rel)),
+        "i" => Some(index_columns(rel, "i.indisreplident")),
+        _ => Some(Vec::new()),
+    }
 }
 
 fn primary_key_columns(rel: pg_sys::Oid) -> Vec<String> {
-    Spi::connect(|client| {
-        let t = client.select(
-            "SELECT a.attname::text FROM pg_catalog.pg_index i
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-              WHERE i.indrelid = $1 AND i.indisprimary ORDER BY a.attnum",
-            None,
-            &[rel.into()],
-        )?;
-        t.map(|r| r.get::<String>(1).map(|v| v.unwrap_or_default()))
-            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
-    })
-    .unwrap_or_default()
+    index_columns(rel, "i.indisprimary")
 }
 
 fn column_exists(rel: pg_sys::Oid, column: &str) -> bool {

@@ -4,37 +4,16 @@
 //! persisted versions after a restart, they come from those tables instead,
 //! so a reader never sees a version go back.
 
-use crate::errors::raise;
 use crate::shmem::{self, WorkerState};
-use crate::sql::require_preloaded;
+use crate::sql::{label_known, require_preloaded, unknown_label};
 use changerelay_core::versions::{row_hash, Lookup, Version};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Map, Value};
 use std::sync::atomic::Ordering;
 
-fn unknown_label(label: &str) -> ! {
-    raise(
-        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-        format!("label \"{label}\" is not tracked"),
-        None,
-        "changerelay.tracked() lists the labels; changerelay.track() adds one.",
-    )
-}
-
 fn loaded() -> bool {
     shmem::shared().is_some_and(|s| s.status.loaded.load(Ordering::Acquire))
-}
-
-fn label_is_tracked(label: &str) -> bool {
-    crate::sql::select_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM changerelay.tracked_tables WHERE label = $1)
-             OR EXISTS (SELECT 1 FROM changerelay.label_versions WHERE label = $1)",
-        &[label.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false)
 }
 
 /// Versions of a label read from the persisted tables: (all, floor, rows).
@@ -112,7 +91,7 @@ fn label_versions(label: &str) -> LabelVersions {
         })
         .flatten();
         let Some((all, idx, salt, rows)) = snapshot else {
-            if label_is_tracked(label) {
+            if label_known(label) {
                 return LabelVersions {
                     all: None,
                     rows: Vec::new(),
@@ -139,7 +118,7 @@ fn label_versions(label: &str) -> LabelVersions {
         };
     }
     let (all, floor, rows) = persisted(label, None);
-    if all.is_none() && rows.is_empty() && !label_is_tracked(label) {
+    if all.is_none() && rows.is_empty() && !label_known(label) {
         unknown_label(label);
     }
     LabelVersions {
@@ -165,7 +144,7 @@ fn version(label: &str, identifier: default!(Option<&str>, "NULL")) -> Option<i6
             Some(Lookup::Found(v)) if v.is_set() => Some(v.v as i64),
             Some(Lookup::Found(_)) | Some(Lookup::Unseen) => None,
             Some(Lookup::UnknownLabel) | None => {
-                if label_is_tracked(label) {
+                if label_known(label) {
                     None
                 } else {
                     unknown_label(label)
@@ -176,12 +155,12 @@ fn version(label: &str, identifier: default!(Option<&str>, "NULL")) -> Option<i6
     let (all, floor, rows) = persisted(label, identifier);
     match identifier {
         None if all.is_some() => all.map(|v| v.v as i64),
-        None if label_is_tracked(label) => None,
+        None if label_known(label) => None,
         None => unknown_label(label),
         Some(_) => match rows.first() {
             Some((_, v)) => Some(v.max(floor).v as i64),
             None if floor.is_set() => Some(floor.v as i64),
-            None if all.is_some() || label_is_tracked(label) => None,
+            None if all.is_some() || label_known(label) => None,
             None => unknown_label(label),
         },
     }

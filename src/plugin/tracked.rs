@@ -4,7 +4,11 @@
 //! The table is a `user_catalog_table`, so logical decoding can read it as of
 //! each change: tracking changes take effect exactly at their place in the
 //! commit order, also within one transaction. The set is reloaded after any
-//! relcache invalidation and after each decoded change to the table itself.
+//! relcache invalidation, after each decoded change to the table itself, and
+//! whenever the catalog snapshot differs from the one it was read under:
+//! transactions are replayed in commit order but each sees the catalog as of
+//! its own start, so one that began before a `track()` committed must not
+//! leave its older view cached for the transactions after it.
 
 use pgrx::pg_sys;
 use std::collections::HashMap;
@@ -14,6 +18,7 @@ pub const CONFIG_TABLE: &std::ffi::CStr = c"tracked_tables";
 /// Column of `tracked_tables` holding the label.
 pub const CONFIG_LABEL_COLUMN: &str = "label";
 
+#[derive(PartialEq, Eq)]
 pub struct TrackedTable {
     pub label: String,
     pub identifier: Option<String>,
@@ -28,6 +33,8 @@ pub struct TrackedSet {
     /// OID of `changerelay.tracked_tables` (InvalidOid: extension absent).
     pub config_relid: pg_sys::Oid,
     pub tables: HashMap<pg_sys::Oid, TrackedTable>,
+    /// The catalog snapshot the set was read under (address, xmin, xmax, xcnt).
+    seen_under: (usize, u32, u32, u32),
 }
 
 impl TrackedSet {
@@ -43,15 +50,42 @@ impl TrackedSet {
     /// # Safety
     /// Must run inside a decoding callback (historic snapshot active).
     pub unsafe fn refresh(&mut self) {
-        if !self.stale {
+        // SAFETY: forwarded from the caller.
+        let key = unsafe { snapshot_key() };
+        if !self.stale && key == self.seen_under {
             return;
         }
         // SAFETY: forwarded from the caller.
         let (relid, tables) = unsafe { load() };
+        // Relation entries are rebuilt only when what they depend on changed.
+        if relid != self.config_relid || tables != self.tables {
+            self.generation += 1;
+        }
         self.config_relid = relid;
         self.tables = tables;
-        self.generation += 1;
+        self.seen_under = key;
         self.stale = false;
+    }
+}
+
+/// Identifies the current (historic) catalog snapshot.
+///
+/// # Safety
+/// Must run inside a decoding callback.
+unsafe fn snapshot_key() -> (usize, u32, u32, u32) {
+    // SAFETY: during decoding the catalog snapshot is the historic snapshot
+    // set up for the transaction being replayed; it is live while we read it.
+    unsafe {
+        let snap = pg_sys::GetCatalogSnapshot(pg_sys::InvalidOid);
+        if snap.is_null() {
+            return (0, 0, 0, 0);
+        }
+        (
+            snap as usize,
+            (*snap).xmin.into_inner(),
+            (*snap).xmax.into_inner(),
+            (*snap).xcnt,
+        )
     }
 }
 

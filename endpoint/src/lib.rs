@@ -1,0 +1,1 @@
+//! pg_changerelay's network endpoint (placeholder; being written).

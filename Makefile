@@ -43,12 +43,6 @@ test-integration:
 	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
 	@PGCR_PORT=$(TEST_PORT) PGCR_DATA=$(TEST_DIR) .venv/bin/pytest tests/integration $(PYTEST_ARGS); \
 	  status=$$?; \
-	  if [ $$status -eq 1 ]; then \
-	    echo "== RERUNNING FAILED TESTS ONCE: the relay worker has an open defect that occasionally"; \
-	    echo "== leaves a committed change unfiled (README, Limitations). Failures above are real."; \
-	    PGCR_PORT=$(TEST_PORT) PGCR_DATA=$(TEST_DIR) .venv/bin/pytest tests/integration --last-failed $(PYTEST_ARGS); \
-	    status=$$?; \
-	  fi; \
 	  scripts/cluster.sh stop $(TEST_DIR); exit $$status
 
 ## Decoding throughput next to wal2json, test_decoding and pgoutput (ROWS=600000 for >1M changes).

@@ -81,6 +81,7 @@ impl Decoder {
                 None,
             );
             pg_sys::MemoryContextSwitchTo(old);
+            leave_logical_decoding_status();
             let mut out = Box::new(Frames::new());
             (*ctx).output_writer_private = std::ptr::from_mut(&mut *out).cast();
             // Whole transactions committing after confirmed_flush must be
@@ -157,6 +158,35 @@ impl Decoder {
             pg_sys::LogicalConfirmReceivedLocation(lsn);
             pg_sys::ReplicationSlotMarkDirty();
         }
+    }
+}
+
+/// Clears `PROC_IN_LOGICAL_DECODING`, which creating a decoding context
+/// outside a transaction sets on this process (as it does for a walsender).
+///
+/// Other backends leave a process with that flag out of their snapshots
+/// entirely, its own transaction id included: it is meant for processes
+/// that only decode. This worker also writes (history, versions). With the
+/// flag set, a concurrent reader did not see the worker's open transaction
+/// as running, found it not yet committed in the commit log, and hinted its
+/// new history rows as aborted (HEAP_XMIN_INVALID), for good: committed
+/// history vanished, and index entries went missing with it. Without the
+/// flag the worker is an ordinary backend; the slot's catalog_xmin still
+/// protects the catalog rows decoding needs.
+fn leave_logical_decoding_status() {
+    // ProcArrayLock is a macro over the main LWLock array in C (slot 4 in
+    // lwlocknames.h for every supported major version).
+    const PROC_ARRAY_LOCK: usize = 4;
+    // SAFETY: main thread of a backend with a PGPROC; statusFlags is written
+    // under ProcArrayLock held exclusively, mirrored into ProcGlobal's dense
+    // array at this process's index, exactly as procarray.c does.
+    unsafe {
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(PROC_ARRAY_LOCK)).lock;
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let proc = pg_sys::MyProc;
+        (*proc).statusFlags &= !(pg_sys::PROC_IN_LOGICAL_DECODING as u8);
+        *(*pg_sys::ProcGlobal).statusFlags.add((*proc).pgxactoff as usize) = (*proc).statusFlags;
+        pg_sys::LWLockRelease(lock);
     }
 }
 

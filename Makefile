@@ -31,7 +31,7 @@ stop:
 test: setup test-unit test-pg test-integration
 
 test-unit:
-	cargo test -p changerelay-core
+	cargo test -p changerelay-core -p changerelay-endpoint
 
 test-pg:
 	@mkdir -p $(PGRX_DATA) && chown postgres:postgres $(PGRX_DATA)

@@ -46,6 +46,8 @@ full_page_writes = off
 synchronous_commit = on
 log_min_messages = warning
 log_line_prefix = '%m [%p] %b '
+# The relay worker's WebSocket/HTTP endpoint: the server's port + 1000.
+changerelay.port = $((port + 1000))
 CONF
   if server_knows output_plugin_libraries; then
     echo "output_plugin_libraries = 'pgoutput, test_decoding, wal2json, pg_changerelay'" >>"$dir/postgresql.conf"

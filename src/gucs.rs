@@ -10,8 +10,13 @@
 //! | `changerelay.poll_interval` | 1000 ms | sighup |
 //! | `changerelay.batch_changes` | 10000 | sighup |
 //! | `changerelay.history_retention` | 24h | sighup |
+//! | `changerelay.listen_addresses` | localhost | postmaster |
+//! | `changerelay.port` | 8432 (0: no endpoint) | postmaster |
+//! | `changerelay.max_clients` | 1024 | postmaster |
+//! | `changerelay.client_buffer` | 4MB | postmaster |
+//! | `changerelay.auth` | token | postmaster |
 
-use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -22,6 +27,20 @@ pub static MAX_LABELS: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10000);
 pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86400);
+pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"localhost"));
+pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(8432);
+pub static MAX_CLIENTS: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static CLIENT_BUFFER_KB: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static AUTH: GucSetting<AuthMode> = GucSetting::<AuthMode>::new(AuthMode::Token);
+
+/// `changerelay.auth`: how endpoint clients authenticate.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AuthMode {
+    /// A bearer token from `changerelay.create_token()`.
+    Token,
+    /// No authentication; refused unless every listen address is loopback.
+    Trust,
+}
 
 /// Defines the settings; called from `_PG_init`. Postmaster-context settings
 /// can only be defined while preloading, so those are skipped otherwise.
@@ -93,6 +112,52 @@ pub fn define(preloading: bool) {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"changerelay.listen_addresses",
+        c"Addresses the relay worker's WebSocket/HTTP endpoint listens on.",
+        c"Comma-separated host names or IP addresses; localhost means 127.0.0.1 and ::1; * means every address.",
+        &LISTEN_ADDRESSES,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.port",
+        c"TCP port of the relay worker's WebSocket/HTTP endpoint; 0 turns the endpoint off.",
+        c"",
+        &PORT,
+        0,
+        65_535,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.max_clients",
+        c"Concurrent connections the endpoint accepts; more are answered 503.",
+        c"",
+        &MAX_CLIENTS,
+        1,
+        1_000_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.client_buffer",
+        c"Bytes queued for one endpoint client before it is disconnected as too slow.",
+        c"A slow client is closed with code 4001 and reconnects from its last cursor.",
+        &CLIENT_BUFFER_KB,
+        64,
+        1_048_576,
+        GucContext::Postmaster,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_enum_guc(
+        c"changerelay.auth",
+        c"How endpoint clients authenticate: token or trust.",
+        c"trust is refused unless every listen address is a loopback address.",
+        &AUTH,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"changerelay.max_labels",
         c"Labels kept in shared memory.",
@@ -143,4 +208,24 @@ pub fn batch_changes() -> i32 {
 
 pub fn history_retention() -> std::time::Duration {
     std::time::Duration::from_secs(HISTORY_RETENTION_S.get().max(1) as u64)
+}
+
+pub fn listen_addresses() -> String {
+    string(&LISTEN_ADDRESSES, "localhost")
+}
+
+pub fn port() -> u16 {
+    PORT.get().clamp(0, 65_535) as u16
+}
+
+pub fn max_clients() -> usize {
+    MAX_CLIENTS.get().max(1) as usize
+}
+
+pub fn client_buffer_bytes() -> usize {
+    CLIENT_BUFFER_KB.get().max(64) as usize * 1024
+}
+
+pub fn auth() -> AuthMode {
+    AUTH.get()
 }

@@ -77,6 +77,10 @@ pub struct WorkerStatus {
     pub changes: AtomicU64,
     /// The map holds the persisted versions (loaded after a restart).
     pub loaded: AtomicBool,
+    /// Bumped when a transaction that changed `changerelay.tokens` commits.
+    pub tokens_generation: AtomicU64,
+    /// The endpoint: 0 off, 1 listening, 2 failed to start.
+    pub endpoint: AtomicU32,
 }
 
 #[repr(C)]
@@ -269,14 +273,30 @@ pub fn broadcast() {
     }
 }
 
+/// This backend's transaction changed the tokens (backend-local).
+static TOKENS_CHANGED: AtomicBool = AtomicBool::new(false);
+
+/// Marks the current transaction as changing the tokens: at commit the
+/// token generation moves and the worker is woken to reload them.
+pub fn tokens_changed_at_commit() {
+    TOKENS_CHANGED.store(true, Ordering::Relaxed);
+}
+
 /// Wakes the relay worker if this backend's transaction wrote to the
 /// database it serves. Registered as a transaction callback in every backend.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    if event == pg_sys::XactEvent::XACT_EVENT_ABORT || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT {
+        TOKENS_CHANGED.store(false, Ordering::Relaxed);
+        return;
+    }
     if event != pg_sys::XactEvent::XACT_EVENT_COMMIT && event != pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT {
         return;
     }
     let Some(shared) = shared() else { return };
+    if TOKENS_CHANGED.swap(false, Ordering::Relaxed) {
+        shared.status.tokens_generation.fetch_add(1, Ordering::AcqRel);
+    }
     // SAFETY: reading backend-local globals and setting a latch in shared
     // memory; SetLatch never raises an error.
     unsafe {

@@ -165,6 +165,36 @@ impl VersionUpdates {
     }
 }
 
+/// The moved versions of one label, as an endpoint sends them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelDelta {
+    pub label: String,
+    /// `{"all":{"v":..,"ts":..},"<identifier>":{"v":..,"ts":..}}`: only the
+    /// entries this batch moved.
+    pub data: String,
+    /// Every row of the label moved (truncate, or a row the batch could not
+    /// identify): send the whole map instead of `data`.
+    pub whole_label: bool,
+}
+
+impl VersionUpdates {
+    /// The batch's moved versions per label, in label order.
+    pub fn deltas(&self) -> Vec<LabelDelta> {
+        let mut out = Vec::with_capacity(self.labels.len());
+        for (label, all) in &self.labels {
+            let from = (label.clone(), String::new());
+            let rows = self.rows.range(from..).take_while(|((l, _), _)| l == label);
+            let data = crate::versions::data_json(Some(*all), rows.map(|((_, id), v)| (id.as_str(), *v)));
+            out.push(LabelDelta {
+                label: label.clone(),
+                data,
+                whole_label: self.floors.contains_key(label),
+            });
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +322,24 @@ mod tests {
         u.add(&Event::Begin(h(9)));
         u.add(&change(9, "p", Some("A"), None, false));
         assert!(u.history.is_empty());
+    }
+
+    #[test]
+    fn deltas_hold_only_moved_entries_per_label() {
+        let mut u = VersionUpdates::default();
+        let v = |v| Version { v, ts: 7 };
+        u.labels.insert("a".into(), v(10));
+        u.labels.insert("b".into(), v(11));
+        u.rows.insert(("a".into(), "x".into()), v(10));
+        u.rows.insert(("ab".into(), "y".into()), v(9));
+        u.rows.insert(("b".into(), "z".into()), v(11));
+        u.floors.insert("b".into(), v(11));
+        let d = u.deltas();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].label, "a");
+        assert_eq!(d[0].data, r#"{"all":{"v":10,"ts":7},"x":{"v":10,"ts":7}}"#);
+        assert!(!d[0].whole_label);
+        assert_eq!(d[1].data, r#"{"all":{"v":11,"ts":7},"z":{"v":11,"ts":7}}"#);
+        assert!(d[1].whole_label);
     }
 }

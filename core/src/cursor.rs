@@ -97,7 +97,8 @@ fn checksum(data: &[u8]) -> u16 {
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-fn base64url_encode(data: &[u8], out: &mut String) {
+/// URL-safe base64 without padding (also used for token secrets).
+pub fn base64url_encode(data: &[u8], out: &mut String) {
     for chunk in data.chunks(3) {
         let n = chunk
             .iter()

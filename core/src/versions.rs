@@ -173,6 +173,36 @@ impl std::fmt::Display for MapError {
     }
 }
 
+/// The `data` object of a version map message, `{"all":{"v":…,"ts":…},"<identifier>":{…}}`, with `all` first
+/// and `v` before `ts`, as applications expect it.
+pub fn data_json<'a>(all: Option<Version>, rows: impl IntoIterator<Item = (&'a str, Version)>) -> String {
+    let mut out = String::from("{");
+    let mut entry = |id: &str, v: Version| {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::Value::from(id).to_string());
+        out.push_str(&format!(":{{\"v\":{},\"ts\":{}}}", v.v, v.ts));
+    };
+    if let Some(all) = all {
+        entry("all", all);
+    }
+    for (id, v) in rows {
+        entry(id, v);
+    }
+    out.push('}');
+    out
+}
+
+/// A whole version map message: `{"label":"parameters","data":{…}}`.
+pub fn map_json<'a>(label: &str, all: Option<Version>, rows: impl IntoIterator<Item = (&'a str, Version)>) -> String {
+    format!(
+        "{{\"label\":{},\"data\":{}}}",
+        serde_json::Value::from(label),
+        data_json(all, rows)
+    )
+}
+
 /// Hash of a row identifier within a label; never 0.
 pub fn row_hash(salt: u64, label: u16, ident: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();

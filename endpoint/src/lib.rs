@@ -17,6 +17,7 @@ mod fanout;
 mod feed;
 mod http;
 mod hub;
+pub mod listen;
 mod longpoll;
 mod messages;
 mod metrics;

@@ -62,7 +62,7 @@ GRANT SELECT ON changerelay.history, changerelay.history_horizon TO PUBLIC;
 );
 
 /// One row of `changes()`/`watch()`.
-type ChangeRow = (
+pub type ChangeRow = (
     String,
     i64,
     i32,
@@ -79,7 +79,7 @@ type ChangeRow = (
 );
 
 /// This cluster's identity, as cursors carry it.
-fn cluster() -> (u64, u32) {
+pub fn cluster() -> (u64, u32) {
     // SAFETY: reading control data on the main thread.
     unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::GetWALInsertionTimeLine()) }
 }
@@ -108,59 +108,97 @@ fn horizon() -> u64 {
         .max(0) as u64
 }
 
+/// Why a cursor cannot be used.
+pub enum CursorProblem {
+    /// Not a cursor at all (`invalid_parameter_value`).
+    Malformed(String),
+    /// Issued by another cluster.
+    Foreign { theirs: u64, ours: u64 },
+    /// History after it was pruned.
+    Expired { horizon: u64, at: u64 },
+    /// Newer than anything this server has applied.
+    Ahead,
+}
+
+impl CursorProblem {
+    pub fn message(&self) -> String {
+        match self {
+            CursorProblem::Malformed(e) => format!("invalid cursor: {e}"),
+            CursorProblem::Foreign { .. } => "cursor belongs to another cluster".into(),
+            CursorProblem::Expired { .. } => "cursor is older than the history retention window".into(),
+            CursorProblem::Ahead => "cursor is ahead of this server".into(),
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            CursorProblem::Malformed(_) => None,
+            CursorProblem::Foreign { theirs, ours } => Some(format!(
+                "The cursor was issued by system {theirs}; this is system {ours}."
+            )),
+            CursorProblem::Expired { horizon, at } => Some(format!(
+                "History up to event {horizon} has been pruned (changerelay.history_retention); the cursor is at event {at}."
+            )),
+            CursorProblem::Ahead => {
+                Some("The server was restored to an earlier point, or the cursor comes from elsewhere.".into())
+            }
+        }
+    }
+
+    /// Raises the documented error for this problem.
+    pub fn raise(&self) -> ! {
+        match self {
+            CursorProblem::Malformed(_) => raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                self.message(),
+                None,
+                "Pass a cursor returned by changerelay.changes(), watch() or current_cursor(), unchanged.",
+            ),
+            _ => raise(
+                PgSqlErrorCode::ERRCODE_SNAPSHOT_TOO_OLD,
+                self.message(),
+                self.detail(),
+                cursor_hint(),
+            ),
+        }
+    }
+}
+
 /// Parses and checks a cursor: from this cluster, inside the retention
 /// window, not ahead of this server.
-fn check_cursor(text: &str) -> Cursor {
-    let cursor = match Cursor::decode(text) {
-        Ok(c) => c,
-        Err(e) => raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("invalid cursor: {e}"),
-            None,
-            "Pass a cursor returned by changerelay.changes(), watch() or current_cursor(), unchanged.",
-        ),
-    };
+pub fn validate_cursor(text: &str) -> Result<Cursor, CursorProblem> {
+    let cursor = Cursor::decode(text).map_err(|e| CursorProblem::Malformed(e.to_string()))?;
     let (system_id, _) = cluster();
     if cursor.system_id != system_id {
-        raise(
-            PgSqlErrorCode::ERRCODE_SNAPSHOT_TOO_OLD,
-            "cursor belongs to another cluster",
-            Some(format!(
-                "The cursor was issued by system {}; this is system {system_id}.",
-                cursor.system_id
-            )),
-            cursor_hint(),
-        );
+        return Err(CursorProblem::Foreign {
+            theirs: cursor.system_id,
+            ours: system_id,
+        });
     }
-    check_not_expired(&cursor);
+    not_expired(&cursor)?;
     if cursor.event_id > newest_event() {
-        raise(
-            PgSqlErrorCode::ERRCODE_SNAPSHOT_TOO_OLD,
-            "cursor is ahead of this server",
-            Some("The server was restored to an earlier point, or the cursor comes from elsewhere.".into()),
-            cursor_hint(),
-        );
+        return Err(CursorProblem::Ahead);
     }
-    cursor
+    Ok(cursor)
+}
+
+fn check_cursor(text: &str) -> Cursor {
+    validate_cursor(text).unwrap_or_else(|p| p.raise())
 }
 
 /// Errors when history after `cursor` has been pruned.
-fn check_not_expired(cursor: &Cursor) {
+fn not_expired(cursor: &Cursor) -> Result<(), CursorProblem> {
     let h = horizon();
     if cursor.position() < (h, Cursor::END) {
-        raise(
-            PgSqlErrorCode::ERRCODE_SNAPSHOT_TOO_OLD,
-            "cursor is older than the history retention window",
-            Some(format!(
-                "History up to event {h} has been pruned (changerelay.history_retention); the cursor is at event {}.",
-                cursor.event_id
-            )),
-            cursor_hint(),
-        );
+        return Err(CursorProblem::Expired {
+            horizon: h,
+            at: cursor.event_id,
+        });
     }
+    Ok(())
 }
 
-fn current() -> Cursor {
+pub fn current() -> Cursor {
     let (system_id, timeline) = cluster();
     Cursor {
         system_id,
@@ -201,11 +239,11 @@ fn parse_filter(filter: Option<&JsonB>) -> Option<Filter> {
 }
 
 /// A validated request for history rows.
-struct Request {
-    after: Cursor,
-    labels: Option<Vec<String>>,
-    max_events: i32,
-    filter: Option<Filter>,
+pub struct Request {
+    pub after: Cursor,
+    pub labels: Option<Vec<String>>,
+    pub max_events: i32,
+    pub filter: Option<Filter>,
 }
 
 fn request(
@@ -251,7 +289,7 @@ fn request(
 
 /// Reads the history rows after the request's cursor, with a fresh
 /// snapshot (so a waiting `watch()` sees what the worker committed since).
-fn fetch(req: &Request) -> Vec<ChangeRow> {
+pub fn read_rows(req: &Request) -> Result<Vec<ChangeRow>, String> {
     let mut sql = String::from(
         "SELECT event_id, pos, seq, ts, xid, label, table_name, op, identifier, key, new, old, metadata
            FROM changerelay.history
@@ -313,15 +351,20 @@ fn fetch(req: &Request) -> Vec<ChangeRow> {
     // committed before this read, the rows right after the cursor would be
     // silently missing; reading the horizon again now (a later snapshot)
     // turns that into the documented error.
-    check_not_expired(&req.after);
-    match rows {
+    not_expired(&req.after).map_err(|p| p.message())?;
+    rows.map_err(|e| format!("could not read history: {e}"))
+}
+
+fn fetch(req: &Request) -> Vec<ChangeRow> {
+    match read_rows(req) {
         Ok(rows) => rows,
-        Err(e) => raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("could not read history: {e}"),
-            None,
-            "",
-        ),
+        Err(e) => {
+            // Pruning that committed during the read gives the documented error.
+            if let Err(p) = not_expired(&req.after) {
+                p.raise()
+            }
+            raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e, None, "")
+        }
     }
 }
 

@@ -1,9 +1,10 @@
 //! SQL functions in schema `changerelay`.
 
-mod history;
+pub mod history;
 pub mod metadata;
+pub mod tokens;
 mod tracking;
-mod versions;
+pub mod versions;
 
 use crate::errors::raise;
 use pgrx::PgSqlErrorCode;

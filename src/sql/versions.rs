@@ -73,48 +73,52 @@ struct LabelVersions {
     rows: Vec<(String, Version)>,
 }
 
+/// A label's versions from shared memory (loaded by the worker); None when
+/// the map has no such label. No privilege check: callers do that.
+fn from_shared_memory(label: &str) -> Option<LabelVersions> {
+    // Copy under the shared lock; long identifiers are resolved after.
+    let (all, idx, salt, rows) = shmem::with_map(|m| {
+        let idx = m.find_label(label)?;
+        let all = m.label(idx).map(|l| l.all);
+        let salt = m.header.salt;
+        let rows: Vec<(Vec<u8>, bool, u64, Version)> = m
+            .rows(idx)
+            .map(|(e, v)| (e.ident().to_vec(), e.is_truncated(), e.hash, v))
+            .collect();
+        Some((all, idx, salt, rows))
+    })
+    .flatten()?;
+    let mut long_names: Option<Vec<(String, Version)>> = None;
+    let mut out = Vec::with_capacity(rows.len());
+    for (ident, truncated, hash, v) in rows {
+        if truncated {
+            let names = long_names.get_or_insert_with(|| persisted(label, None).2);
+            if let Some((name, _)) = names.iter().find(|(n, _)| row_hash(salt, idx, n.as_bytes()) == hash) {
+                out.push((name.clone(), v));
+            }
+        } else {
+            out.push((String::from_utf8_lossy(&ident).into_owned(), v));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Some(LabelVersions {
+        all: all.filter(Version::is_set),
+        rows: out,
+    })
+}
+
 fn label_versions(label: &str) -> LabelVersions {
     require_preloaded();
     // Row identifiers are row data: only for roles that can read the tables.
     crate::sql::check_label_access(label);
     if loaded() {
-        // Copy under the shared lock; long identifiers are resolved after.
-        let snapshot = shmem::with_map(|m| {
-            let idx = m.find_label(label)?;
-            let all = m.label(idx).map(|l| l.all);
-            let salt = m.header.salt;
-            let rows: Vec<(Vec<u8>, bool, u64, Version)> = m
-                .rows(idx)
-                .map(|(e, v)| (e.ident().to_vec(), e.is_truncated(), e.hash, v))
-                .collect();
-            Some((all, idx, salt, rows))
-        })
-        .flatten();
-        let Some((all, idx, salt, rows)) = snapshot else {
-            if label_known(label) {
-                return LabelVersions {
-                    all: None,
-                    rows: Vec::new(),
-                };
-            }
-            unknown_label(label)
-        };
-        let mut long_names: Option<Vec<(String, Version)>> = None;
-        let mut out = Vec::with_capacity(rows.len());
-        for (ident, truncated, hash, v) in rows {
-            if truncated {
-                let names = long_names.get_or_insert_with(|| persisted(label, None).2);
-                if let Some((name, _)) = names.iter().find(|(n, _)| row_hash(salt, idx, n.as_bytes()) == hash) {
-                    out.push((name.clone(), v));
-                }
-            } else {
-                out.push((String::from_utf8_lossy(&ident).into_owned(), v));
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        return LabelVersions {
-            all: all.filter(Version::is_set),
-            rows: out,
+        return match from_shared_memory(label) {
+            Some(lv) => lv,
+            None if label_known(label) => LabelVersions {
+                all: None,
+                rows: Vec::new(),
+            },
+            None => unknown_label(label),
         };
     }
     let (all, floor, rows) = persisted(label, None);
@@ -178,11 +182,7 @@ fn versions(label: &str) -> TableIterator<'static, (name!(identifier, String), n
     TableIterator::new(out)
 }
 
-/// The version map message applications parse:
-/// `{"label":"parameters","data":{"all":{"v":…,"ts":…},"WAFCONFIG":{"v":…,"ts":…}}}`.
-#[pg_extern(stable, parallel_safe)]
-fn version_map(label: &str) -> JsonB {
-    let lv = label_versions(label);
+fn map_message(label: &str, lv: LabelVersions) -> Value {
     let mut data = Map::new();
     if let Some(all) = lv.all {
         data.insert("all".into(), json!({"v": all.v, "ts": all.ts}));
@@ -190,7 +190,35 @@ fn version_map(label: &str) -> JsonB {
     for (id, v) in lv.rows {
         data.insert(id, json!({"v": v.v, "ts": v.ts}));
     }
-    JsonB(json!({"label": label, "data": Value::Object(data)}))
+    json!({"label": label, "data": Value::Object(data)})
+}
+
+/// The version map message applications parse:
+/// `{"label":"parameters","data":{"all":{"v":…,"ts":…},"WAFCONFIG":{"v":…,"ts":…}}}`.
+#[pg_extern(stable, parallel_safe)]
+fn version_map(label: &str) -> JsonB {
+    JsonB(map_message(label, label_versions(label)))
+}
+
+/// The version map message for the relay worker's endpoint, as text:
+/// (whole message, its `data` object). No privilege checks (tokens scope
+/// labels there). `known`: the label is tracked, so a label the map has not
+/// seen yet gets an empty map. None: an unknown label. Needs a transaction
+/// (long identifiers are resolved from `row_versions`).
+pub fn version_map_for_endpoint(label: &str, known: bool) -> Option<(String, String)> {
+    let lv = match from_shared_memory(label) {
+        Some(lv) => lv,
+        None if known => LabelVersions {
+            all: None,
+            rows: Vec::new(),
+        },
+        None => return None,
+    };
+    let rows = || lv.rows.iter().map(|(id, v)| (id.as_str(), *v));
+    Some((
+        changerelay_core::versions::map_json(label, lv.all, rows()),
+        changerelay_core::versions::data_json(lv.all, rows()),
+    ))
 }
 
 /// The relay worker's state, its slot's progress and the map's fill.
@@ -252,5 +280,13 @@ fn status() -> JsonB {
             "evictions": evictions,
         },
         "labels": { "used": labels, "capacity": shared.n_labels },
+        "endpoint": {
+            "port": crate::gucs::port(),
+            "state": match st.endpoint.load(Ordering::Acquire) {
+                1 => "listening",
+                2 => "failed (see the server log)",
+                _ => "off",
+            },
+        },
     }))
 }

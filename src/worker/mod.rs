@@ -21,6 +21,7 @@ use changerelay_core::apply::{HistoryRow, VersionUpdates};
 use changerelay_core::binary;
 use changerelay_core::lsn::lsn_to_string;
 mod decoder;
+mod endpoint;
 
 use decoder::Decoder;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
@@ -93,16 +94,24 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         decoder: None,
         installed: false,
         last_prune: None,
+        link: endpoint::start(),
     };
     let mut sleep = Duration::ZERO;
-    while BackgroundWorker::wait_latch(Some(sleep)) {
+    while wait(sleep, relay.link.as_ref().map(endpoint::Link::wake_fd)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: reloading the configuration file between steps.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         sleep = relay.step();
+        let installed = relay.installed;
+        if let Some(link) = relay.link.as_mut() {
+            link.tick(installed);
+        }
     }
     log!("pg_changerelay relay stopping");
+    if let Some(link) = relay.link.take() {
+        link.shutdown();
+    }
     // Exit code 1: the postmaster restarts the worker after RESTART_DELAY,
     // so pg_terminate_backend() restarts it rather than removing it for
     // good (exit code 0 would); at shutdown nothing is restarted anyway.
@@ -111,11 +120,35 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// Sleeps until the latch is set (a commit, a signal), the endpoint's wake
+/// socket is readable (a request) or `timeout` passes. False on SIGTERM.
+fn wait(timeout: Duration, wake_fd: Option<std::os::fd::RawFd>) -> bool {
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if wake_fd.is_some() {
+        events |= pg_sys::WL_SOCKET_READABLE;
+    }
+    // SAFETY: main thread; MyLatch is this process's latch; the socket is
+    // the endpoint's wake socket, open for the endpoint's life.
+    unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            wake_fd.unwrap_or(-1),
+            timeout.as_millis().min(i64::MAX as u128) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+    !BackgroundWorker::sigterm_received()
+}
+
 struct Relay {
     slot: String,
     decoder: Option<Decoder>,
     installed: bool,
     last_prune: Option<std::time::Instant>,
+    link: Option<endpoint::Link>,
 }
 
 impl Relay {
@@ -171,10 +204,13 @@ impl Relay {
                 ),
             }
         }
-        if !updates.is_empty() {
-            persist(&updates);
+        let fresh = if updates.is_empty() {
+            Vec::new()
+        } else {
+            let fresh = persist(&updates);
             apply_to_shared_memory(&updates);
-        }
+            fresh
+        };
         decoder.confirm(end);
         if let Some(s) = shmem::shared() {
             if let Some(c) = updates.last_commit {
@@ -189,6 +225,9 @@ impl Relay {
         }
         if !updates.is_empty() {
             shmem::broadcast();
+            if let Some(link) = self.link.as_mut() {
+                link.publish_batch(&fresh, &updates);
+            }
         }
         if more {
             Duration::ZERO
@@ -267,7 +306,7 @@ fn ensure_slot(slot: &str) {
 /// mark were applied before (the batch is being decoded again after a crash
 /// or restart): their history is skipped, their versions are harmless to
 /// apply again (they only move forward).
-fn persist(u: &VersionUpdates) {
+fn persist(u: &VersionUpdates) -> Vec<HistoryRow> {
     let mut labels: Vec<String> = Vec::new();
     let (mut lv, mut lts, mut fv, mut fts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for label in u
@@ -322,10 +361,11 @@ fn persist(u: &VersionUpdates) {
         if through > applied {
             Spi::run_with_args("UPDATE changerelay.history_horizon SET applied = $1", &[through.into()])?;
         }
-        Ok::<_, pgrx::spi::Error>(())
+        Ok::<_, pgrx::spi::Error>(fresh)
     });
-    if let Err(e) = result {
-        error!("pg_changerelay relay: could not persist versions: {e}");
+    match result {
+        Ok(fresh) => fresh,
+        Err(e) => error!("pg_changerelay relay: could not persist versions: {e}"),
     }
 }
 

@@ -1,0 +1,219 @@
+//! Access tokens for the relay worker's endpoint: `create_token()`,
+//! `revoke_token()`, `tokens()`.
+//!
+//! A token's secret is shown once; only its SHA-256 is stored. Tokens are
+//! managed by superusers and members of `changerelay_admin`. A committed
+//! change bumps a generation counter in shared memory and wakes the worker,
+//! which reloads the tokens and hands them to the endpoint (a revoked
+//! token's connections close within a second).
+
+use crate::errors::raise;
+use crate::sql::{require_preloaded, select_one};
+use changerelay_core::versions::valid_label;
+use pgrx::prelude::*;
+
+extension_sql!(
+    r#"
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'changerelay_admin') THEN
+        CREATE ROLE changerelay_admin NOLOGIN;
+    END IF;
+END
+$$;
+
+-- Access tokens for the endpoint; only the SHA-256 of each secret is kept.
+CREATE TABLE changerelay.tokens (
+    name text PRIMARY KEY,
+    secret_sha256 bytea NOT NULL CHECK (length(secret_sha256) = 32),
+    labels text[] NOT NULL,
+    rows_allowed boolean NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    created_by name NOT NULL DEFAULT current_user
+);
+SELECT pg_catalog.pg_extension_config_dump('changerelay.tokens', '');
+REVOKE ALL ON changerelay.tokens FROM PUBLIC;
+GRANT SELECT (name, labels, rows_allowed, created_at, created_by), INSERT, DELETE
+   ON changerelay.tokens TO changerelay_admin;
+"#,
+    name = "token_tables",
+    requires = ["tracking_tables"]
+);
+
+extension_sql!(
+    r#"
+REVOKE EXECUTE ON FUNCTION changerelay.create_token(text, text[], boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION changerelay.revoke_token(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION changerelay.create_token(text, text[], boolean) TO changerelay_admin;
+GRANT EXECUTE ON FUNCTION changerelay.revoke_token(text) TO changerelay_admin;
+"#,
+    name = "token_grants",
+    requires = [create_token, revoke_token]
+);
+
+/// Errors unless the role may manage tokens.
+fn require_token_admin() {
+    // SAFETY: reading the session's role on the main thread.
+    if unsafe { pg_sys::superuser() } {
+        return;
+    }
+    let member = select_one::<bool>(
+        "SELECT pg_catalog.pg_has_role(current_user, 'changerelay_admin', 'MEMBER')",
+        &[],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !member {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to manage pg_changerelay tokens",
+            None,
+            "Tokens are managed by superusers and members of changerelay_admin: GRANT changerelay_admin TO the role.",
+        );
+    }
+}
+
+fn check_name(what: &str, value: &str) {
+    if !valid_label(value) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid {what} \"{value}\""),
+            None,
+            "Use 1 to 64 characters from A-Z, a-z, 0-9, '_', '.', ':' and '-'.",
+        );
+    }
+}
+
+/// 32 bytes from the server's strong random source, as `crt_` + base64url.
+fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    // SAFETY: the buffer is 32 writable bytes.
+    let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
+    if !ok {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "could not generate a random token secret",
+            None,
+            "Check the server's random source (OpenSSL or /dev/urandom).",
+        );
+    }
+    let mut secret = String::from("crt_");
+    changerelay_core::cursor::base64url_encode(&bytes, &mut secret);
+    secret
+}
+
+/// Creates a token for the endpoint and returns its secret, once. `rows`
+/// false: versions only; true: change payloads too.
+#[pg_extern(volatile)]
+fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) -> String {
+    require_preloaded();
+    require_token_admin();
+    check_name("token name", name);
+    if labels.is_empty() {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "a token needs at least one label",
+            None,
+            "Pass the labels the token may read, for example ARRAY['parameters'].",
+        );
+    }
+    for label in &labels {
+        check_name("label", label);
+    }
+    let exists = select_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM changerelay.tokens WHERE name = $1)",
+        &[name.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if exists {
+        raise(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("token \"{name}\" already exists"),
+            None,
+            "Revoke it first with changerelay.revoke_token(), or choose another name.",
+        );
+    }
+    let secret = new_secret();
+    let inserted = Spi::run_with_args(
+        "INSERT INTO changerelay.tokens (name, secret_sha256, labels, rows_allowed)
+         VALUES ($1, pg_catalog.sha256(pg_catalog.convert_to($2, 'UTF8')), $3, $4)",
+        &[name.into(), secret.as_str().into(), labels.into(), rows.into()],
+    );
+    if let Err(e) = inserted {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("could not store the token: {e}"),
+            None,
+            "",
+        );
+    }
+    crate::shmem::tokens_changed_at_commit();
+    secret
+}
+
+/// Revokes a token; the endpoint closes its connections within a second.
+#[pg_extern(volatile)]
+fn revoke_token(name: &str) {
+    require_preloaded();
+    require_token_admin();
+    let deleted = select_one::<String>(
+        "WITH d AS (DELETE FROM changerelay.tokens WHERE name = $1 RETURNING name) SELECT name FROM d",
+        &[name.into()],
+    );
+    match deleted {
+        Ok(Some(_)) => crate::shmem::tokens_changed_at_commit(),
+        Ok(None) => raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("token \"{name}\" does not exist"),
+            None,
+            "changerelay.tokens() lists the tokens.",
+        ),
+        Err(e) => raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("could not revoke the token: {e}"),
+            None,
+            "",
+        ),
+    }
+}
+
+/// The tokens, without their secrets.
+#[pg_extern(stable)]
+fn tokens() -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(labels, Vec<String>),
+        name!(rows, bool),
+        name!(created_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(created_by, String),
+    ),
+> {
+    require_preloaded();
+    require_token_admin();
+    let rows = crate::sql::select_all(
+        "SELECT name, labels, rows_allowed, created_at, created_by::text FROM changerelay.tokens ORDER BY name",
+        &[],
+        |r| {
+            Ok((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<Vec<String>>(2)?.unwrap_or_default(),
+                r.get::<bool>(3)?.unwrap_or(false),
+                r.get::<pgrx::datum::TimestampWithTimeZone>(4)?,
+                r.get::<String>(5)?.unwrap_or_default(),
+            ))
+        },
+    );
+    match rows {
+        Ok(rows) => TableIterator::new(rows),
+        Err(e) => raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("could not read tokens: {e}"),
+            None,
+            "",
+        ),
+    }
+}

@@ -1,0 +1,432 @@
+//! The relay worker's side of its WebSocket/HTTP endpoint.
+//!
+//! The endpoint (crate `changerelay-endpoint`) runs on a thread of its own
+//! and never calls Postgres. This module, on the worker's main thread:
+//! starts it from the settings; publishes each applied batch (history rows
+//! and moved versions), the worker's status and the tokens; and answers the
+//! endpoint's requests (version maps, history after a cursor), each in a
+//! subtransaction so that nothing a client asks for can stop the worker.
+//! Ordering contract: a batch is published before any request that arrives
+//! after it is answered, because both happen on this thread in that order.
+
+use crate::gucs::{self, AuthMode};
+use crate::shmem::{self, WorkerState};
+use crate::sql::history::{self, CursorProblem};
+use crate::sql::{select_all, versions};
+use changerelay_core::apply::{HistoryRow, VersionUpdates};
+use changerelay_core::cursor::Cursor;
+use changerelay_core::filter::Filter;
+use changerelay_endpoint as ep;
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Requests answered per loop turn, so decoding is never starved.
+const REQUESTS_PER_TURN: usize = 256;
+/// Largest history page a request may ask for.
+const MAX_PAGE: u32 = 10_000;
+/// Status is republished at least this often (lag moves without batches).
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Link {
+    endpoint: ep::Endpoint,
+    port: ep::WorkerPort,
+    tokens_seen: Option<u64>,
+    last_status: Option<(ep::Status, Instant)>,
+    labels: Vec<String>,
+    labels_stale: bool,
+    /// The cursor after everything applied; None until first read.
+    head: Option<Cursor>,
+}
+
+/// Starts the endpoint when `changerelay.port` is not 0. Failures are
+/// logged and leave the worker running without an endpoint.
+pub fn start() -> Option<Link> {
+    let port = gucs::port();
+    if port == 0 {
+        set_endpoint_state(EndpointState::Off);
+        return None;
+    }
+    let listen = match ep::listen::resolve(&gucs::listen_addresses(), port) {
+        Ok(l) => l,
+        Err(e) => return failed(&e, "Fix changerelay.listen_addresses and restart the server."),
+    };
+    let auth = match gucs::auth() {
+        AuthMode::Token => ep::Auth::Token,
+        AuthMode::Trust if ep::listen::all_loopback(&listen) => ep::Auth::Trust,
+        AuthMode::Trust => {
+            return failed(
+                "changerelay.auth = trust is refused because changerelay.listen_addresses is not loopback only",
+                "Use changerelay.auth = token, or listen on localhost only.",
+            )
+        }
+    };
+    let config = ep::Config {
+        listen,
+        max_clients: gucs::max_clients(),
+        client_buffer: gucs::client_buffer_bytes(),
+        auth,
+        ..ep::Config::default()
+    };
+    match ep::start(config) {
+        Ok((endpoint, port)) => {
+            let addrs: Vec<String> = endpoint.local_addrs().iter().map(ToString::to_string).collect();
+            log!("pg_changerelay relay: endpoint listening on {}", addrs.join(", "));
+            set_endpoint_state(EndpointState::Listening);
+            Some(Link {
+                endpoint,
+                port,
+                tokens_seen: None,
+                last_status: None,
+                labels: Vec::new(),
+                labels_stale: true,
+                head: None,
+            })
+        }
+        Err(e) => failed(
+            &e,
+            "Check changerelay.listen_addresses and changerelay.port; the worker decodes on.",
+        ),
+    }
+}
+
+fn failed(message: &str, hint: &str) -> Option<Link> {
+    warning!("pg_changerelay relay: endpoint not started: {message}. {hint}");
+    set_endpoint_state(EndpointState::Failed);
+    None
+}
+
+#[derive(Clone, Copy)]
+pub enum EndpointState {
+    Off = 0,
+    Listening = 1,
+    Failed = 2,
+}
+
+pub fn set_endpoint_state(state: EndpointState) {
+    if let Some(s) = shmem::shared() {
+        s.status.endpoint.store(state as u32, Ordering::Release);
+    }
+}
+
+impl Link {
+    pub fn wake_fd(&self) -> std::os::fd::RawFd {
+        self.port.wake_fd()
+    }
+
+    pub fn shutdown(self) {
+        set_endpoint_state(EndpointState::Off);
+        self.endpoint.shutdown();
+    }
+
+    /// Publishes a committed, applied batch. `fresh`: its history rows not
+    /// published before (a batch decoded again after a restart has none).
+    pub fn publish_batch(&mut self, fresh: &[HistoryRow], updates: &VersionUpdates) {
+        let (system_id, timeline) = history::cluster();
+        let cursor = |event_id: u64, pos: u32| {
+            Cursor {
+                system_id,
+                timeline,
+                event_id,
+                pos,
+            }
+            .encode()
+        };
+        let changes = fresh
+            .iter()
+            .map(|r| ep::ChangeRow {
+                cursor: cursor(r.event_id, r.pos),
+                event_id: r.event_id,
+                seq: r.seq as i32,
+                ts: r.ts,
+                xid: i64::from(r.xid),
+                label: r.label.clone(),
+                table_name: r.table_name.clone(),
+                op: r.op.to_string(),
+                identifier: r.identifier.clone(),
+                key: r.key.clone(),
+                new: r.new.clone(),
+                old: r.old.clone(),
+                metadata: r.metadata.clone(),
+            })
+            .collect();
+        let deltas = updates.deltas();
+        let whole: Vec<String> = deltas
+            .iter()
+            .filter(|d| d.whole_label)
+            .map(|d| d.label.clone())
+            .collect();
+        let maps = if whole.is_empty() {
+            Vec::new()
+        } else {
+            BackgroundWorker::transaction(move || {
+                whole
+                    .iter()
+                    .filter_map(|l| versions::version_map_for_endpoint(l, true).map(|m| (l.clone(), m)))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let versions = deltas
+            .into_iter()
+            .map(|d| {
+                let data = maps
+                    .iter()
+                    .find(|(l, _)| *l == d.label)
+                    .map(|(_, (_, data))| data.clone())
+                    .unwrap_or(d.data);
+                ep::VersionDelta { label: d.label, data }
+            })
+            .collect();
+        if updates.labels.keys().any(|l| !self.labels.contains(l)) {
+            self.labels_stale = true;
+        }
+        if let Some(c) = updates.last_commit {
+            self.head = Some(Cursor {
+                system_id,
+                timeline,
+                event_id: c.event_id.max(self.head.map_or(0, |h| h.event_id)),
+                pos: Cursor::END,
+            });
+        }
+        let head = self.head.map(|h| h.encode()).unwrap_or_default();
+        self.endpoint.publish(ep::ToEndpoint::Batch(ep::Batch {
+            head,
+            changes,
+            versions,
+        }));
+    }
+
+    /// Between batches: reloads labels and tokens when they changed,
+    /// publishes the status, answers pending requests.
+    pub fn tick(&mut self, installed: bool) {
+        if installed && (self.labels_stale || self.head.is_none()) {
+            let (labels, head) = BackgroundWorker::transaction(|| (load_labels(), history::current()));
+            self.labels = labels;
+            self.head = Some(head);
+            self.labels_stale = false;
+        }
+        self.refresh_tokens(installed);
+        self.publish_status();
+        self.port.drain_wake();
+        let mut pending = Vec::new();
+        while pending.len() < REQUESTS_PER_TURN {
+            match self.port.try_recv() {
+                Some(r) => pending.push(r),
+                None => break,
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        if pending.len() == REQUESTS_PER_TURN {
+            // More may be queued and their wake byte is drained: turn again soon.
+            // SAFETY: setting our own latch makes the next wait return at once.
+            unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
+        }
+        if !installed {
+            for r in pending {
+                self.reply(
+                    r.id,
+                    Err(internal("pg_changerelay is not installed in this database yet")),
+                );
+            }
+            return;
+        }
+        let labels = self.labels.clone();
+        let replies = BackgroundWorker::transaction(move || {
+            pending
+                .into_iter()
+                .map(|r| (r.id, guarded(|| answer(&r.kind, &labels))))
+                .collect::<Vec<_>>()
+        });
+        for (id, result) in replies {
+            self.reply(id, result);
+        }
+    }
+
+    fn reply(&self, id: u64, result: Result<ep::Reply, ep::ReplyError>) {
+        self.endpoint.publish(ep::ToEndpoint::Reply { id, result });
+    }
+
+    fn refresh_tokens(&mut self, installed: bool) {
+        let generation = shmem::shared().map_or(0, |s| s.status.tokens_generation.load(Ordering::Acquire));
+        if self.tokens_seen == Some(generation) {
+            return;
+        }
+        let tokens = if installed {
+            BackgroundWorker::transaction(load_tokens)
+        } else {
+            Vec::new()
+        };
+        self.endpoint.publish(ep::ToEndpoint::Tokens(tokens));
+        self.tokens_seen = Some(generation);
+    }
+
+    fn publish_status(&mut self) {
+        let Some(shared) = shmem::shared() else { return };
+        let st = &shared.status;
+        let state = WorkerState::from_u32(st.state.load(Ordering::Acquire));
+        // SAFETY: reading the WAL flush position from shared memory.
+        let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+        let status = ep::Status {
+            consuming: state == WorkerState::Streaming && gucs::enabled(),
+            state: state.as_str().to_string(),
+            last_event_id: st.last_event_id.load(Ordering::Acquire),
+            lag_bytes: flushed.saturating_sub(st.confirmed_lsn.load(Ordering::Acquire)),
+            head: self.head.map(|h| h.encode()).unwrap_or_default(),
+            labels: self.labels.clone(),
+        };
+        let due = match &self.last_status {
+            Some((last, at)) => *last != status || at.elapsed() >= STATUS_EVERY,
+            None => true,
+        };
+        if due {
+            self.endpoint.publish(ep::ToEndpoint::Status(status.clone()));
+            self.last_status = Some((status, Instant::now()));
+        }
+    }
+}
+
+/// Runs `f` in a subtransaction; a Postgres error becomes an `Internal`
+/// reply instead of ending the worker.
+fn guarded(f: impl FnOnce() -> Result<ep::Reply, ep::ReplyError>) -> Result<ep::Reply, ep::ReplyError> {
+    // SAFETY: inside the transaction BackgroundWorker::transaction started;
+    // the subtransaction is released or rolled back before returning, and
+    // the memory context and resource owner are restored as PL/pgSQL does.
+    unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cxt);
+        let result = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
+            .catch_others(|e| Err(internal(&format!("{e:?}"))))
+            .execute();
+        match &result {
+            Err(e) if e.kind == ep::ReplyErrorKind::Internal => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
+            _ => pg_sys::ReleaseCurrentSubTransaction(),
+        }
+        pg_sys::MemoryContextSwitchTo(cxt);
+        pg_sys::CurrentResourceOwner = owner;
+        result
+    }
+}
+
+fn internal(message: &str) -> ep::ReplyError {
+    ep::ReplyError {
+        kind: ep::ReplyErrorKind::Internal,
+        message: message.to_string(),
+    }
+}
+
+fn answer(kind: &ep::RequestKind, labels: &[String]) -> Result<ep::Reply, ep::ReplyError> {
+    match kind {
+        ep::RequestKind::VersionMap { label } => {
+            match versions::version_map_for_endpoint(label, labels.contains(label)) {
+                Some((json, _)) => Ok(ep::Reply::VersionMap { json }),
+                None => Err(ep::ReplyError {
+                    kind: ep::ReplyErrorKind::UnknownLabel,
+                    message: format!("label \"{label}\" is not tracked"),
+                }),
+            }
+        }
+        ep::RequestKind::History {
+            since,
+            labels: wanted,
+            max,
+            filter,
+        } => read_history(since, wanted, *max, filter.as_deref()),
+    }
+}
+
+fn read_history(since: &str, labels: &[String], max: u32, filter: Option<&str>) -> Result<ep::Reply, ep::ReplyError> {
+    let after = history::validate_cursor(since).map_err(|p| {
+        let kind = match p {
+            CursorProblem::Malformed(_) => ep::ReplyErrorKind::Malformed,
+            CursorProblem::Foreign { .. } => ep::ReplyErrorKind::Foreign,
+            CursorProblem::Expired { .. } | CursorProblem::Ahead => ep::ReplyErrorKind::Expired,
+        };
+        ep::ReplyError {
+            kind,
+            message: p.message(),
+        }
+    })?;
+    let filter = match filter {
+        None => None,
+        Some(text) => Some(
+            serde_json::from_str(text)
+                .map_err(|e| e.to_string())
+                .and_then(|v| Filter::parse(&v))
+                .map_err(|e| ep::ReplyError {
+                    kind: ep::ReplyErrorKind::Malformed,
+                    message: format!("invalid filter: {e}"),
+                })?,
+        ),
+    };
+    let max = max.clamp(1, MAX_PAGE);
+    let req = history::Request {
+        after,
+        labels: Some(labels.to_vec()),
+        max_events: max as i32,
+        filter,
+    };
+    let rows = history::read_rows(&req).map_err(|e| internal(&e))?;
+    let more = rows.len() as u32 >= max;
+    let head = match rows.last() {
+        Some(r) if more => r.0.clone(),
+        _ => history::current().encode(),
+    };
+    let json = |j: Option<pgrx::JsonB>| j.map(|j| j.0.to_string());
+    let rows = rows
+        .into_iter()
+        .map(|r| ep::ChangeRow {
+            cursor: r.0,
+            event_id: r.1 as u64,
+            seq: r.2,
+            ts: r.3,
+            xid: r.4,
+            label: r.5,
+            table_name: r.6,
+            op: r.7,
+            identifier: r.8,
+            key: json(r.9),
+            new: json(r.10),
+            old: json(r.11),
+            metadata: json(r.12),
+        })
+        .collect();
+    Ok(ep::Reply::History { rows, head, more })
+}
+
+/// Every label that is tracked or has versions.
+fn load_labels() -> Vec<String> {
+    select_all(
+        "SELECT label FROM changerelay.tracked_tables UNION SELECT label FROM changerelay.label_versions ORDER BY 1",
+        &[],
+        |r| Ok(r.get::<String>(1)?.unwrap_or_default()),
+    )
+    .unwrap_or_else(|e| {
+        warning!("pg_changerelay relay: could not read labels: {e}");
+        Vec::new()
+    })
+}
+
+fn load_tokens() -> Vec<ep::Token> {
+    select_all(
+        "SELECT name, secret_sha256, labels, rows_allowed FROM changerelay.tokens",
+        &[],
+        |r| {
+            let hash = r.get::<Vec<u8>>(2)?.unwrap_or_default();
+            Ok(ep::Token {
+                name: r.get::<String>(1)?.unwrap_or_default(),
+                sha256: hash.try_into().unwrap_or([0u8; 32]),
+                labels: r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                rows: r.get::<bool>(4)?.unwrap_or(false),
+            })
+        },
+    )
+    .unwrap_or_else(|e| {
+        warning!("pg_changerelay relay: could not read tokens (no token is accepted until they load): {e}");
+        Vec::new()
+    })
+}

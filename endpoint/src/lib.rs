@@ -3,7 +3,7 @@
 //! The relay worker calls [`start`]: the endpoint binds its addresses and runs on ONE dedicated thread (a
 //! current-thread tokio runtime, every signal blocked). It never calls Postgres. The worker feeds it
 //! [`ToEndpoint`] messages with [`Endpoint::publish`] (status, tokens, committed batches, replies) and answers
-//! its [`Request`]s, read from the [`WorkerPort`] on the worker's main thread. See `PROTOCOL.md` for what
+//! its [`Request`]s, read from the [`WorkerPort`] on the worker's main thread. See the README's endpoint section for what
 //! clients see.
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -27,4 +27,34 @@ psql -At -c "SELECT length(data) || ' bytes -> ' || changerelay.decode(data)::te
              FROM pg_logical_slot_get_binary_changes('changerelay_demo', NULL, NULL, 'format', 'binary')"
 psql -c "SELECT pg_drop_replication_slot('changerelay_demo')" >/dev/null
 echo
+
+# Re-creating the extension under a running worker makes it restart (2 s): wait until it streams again.
+for _ in $(seq 1 100); do
+  [ "$(psql -At -c "SELECT changerelay.status()->'worker'->>'state'")" = streaming ] && break
+  sleep 0.1
+done
+echo "== the relay worker: track the table under label 'parameters', read versions with SELECT"
+psql -At <<'SQL'
+SELECT changerelay.track('demo_settings', 'parameters');
+UPDATE demo_settings SET value = '{"mode":"block"}' WHERE name = 'WAFCONFIG';
+SQL
+for _ in $(seq 1 100); do
+  [ -n "$(psql -At -c "SELECT changerelay.version('parameters', 'WAFCONFIG')")" ] && break
+  sleep 0.1
+done
+psql -At -c "SELECT changerelay.version_map('parameters')"
+ws_port=$(psql -At -c "SHOW changerelay.port")
+token=$(psql -At -c "SELECT changerelay.create_token('demo-' || floor(extract(epoch FROM now()))::text, ARRAY['parameters'], true)")
+echo
+echo "== the endpoint on 127.0.0.1:$ws_port (token $token):"
+echo "\$ curl -s http://127.0.0.1:$ws_port/health"
+curl -s "http://127.0.0.1:$ws_port/health"; echo
+echo "\$ curl -s -H 'Authorization: Bearer …' http://127.0.0.1:$ws_port/versions/parameters"
+curl -s -H "Authorization: Bearer $token" "http://127.0.0.1:$ws_port/versions/parameters"; echo
+echo "\$ curl -s -H 'Authorization: Bearer …' 'http://127.0.0.1:$ws_port/changes?labels=parameters&since=…&wait=5s'"
+since=$(psql -At -c "SELECT changerelay.current_cursor()")
+( sleep 0.5; psql -q -c "UPDATE demo_settings SET value = '{\"mode\":\"off\"}' WHERE name = 'WAFCONFIG'" ) &
+curl -s -H "Authorization: Bearer $token" "http://127.0.0.1:$ws_port/changes?labels=parameters&since=$since&wait=5s"; echo
+wait
+echo
 echo "Cluster running on 127.0.0.1:$port (psql -h 127.0.0.1 -p $port -U postgres). Stop it with: make stop"

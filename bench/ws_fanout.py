@@ -8,13 +8,13 @@ messages carry the row). Reports p50/p95/p99 and the
 messages per second delivered to all subscribers together. Not a pass/fail test.
 
     .venv/bin/python bench/ws_fanout.py --port 5499 --subscribers 1 --rate 1000 --seconds 10 --changes
-    .venv/bin/python bench/ws_fanout.py --port 5499 --subscribers 1000 --rate 100 --seconds 10
+    .venv/bin/python bench/ws_fanout.py --port 5499 --subscribers 1000 --rate 100 --seconds 10 --procs 2
 """
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import statistics
-import threading
 import time
 import uuid
 
@@ -27,6 +27,54 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
 
 
+def client_process(index, count, ws_port, token, label, changes, ready, done, results):
+    """`count` subscribers in one process; reports (messages, latency samples, time of the last message)."""
+    got = [0]
+    arrivals = []
+    last = [time.monotonic()]
+    final = {}  # subscriber -> the newest "all" version it saw
+
+    async def subscriber(i):
+        uri = f"ws://127.0.0.1:{ws_port}/ws?token={token}"
+        ws = await websockets.connect(uri, max_queue=None, open_timeout=60, ping_interval=None)
+        await ws.send(json.dumps({"op": "subscribe", "labels": [label], "since": None,
+                                  "versions": not changes, "changes": changes}))
+        await ws.recv()  # subscribed
+        if not changes:
+            await ws.recv()  # the full version map
+        return ws, i
+
+    async def follow(ws, i):
+        while True:
+            try:
+                msg = await asyncio.wait_for(ws.recv(), timeout=3 if done.is_set() else 120)
+            except (asyncio.TimeoutError, websockets.ConnectionClosed):
+                await ws.close()
+                return
+            now = time.monotonic()
+            m = json.loads(msg)
+            if m.get("type") == "checkpoint":
+                continue
+            got[0] += 1
+            last[0] = now
+            if "data" in m and "all" in m["data"]:
+                final[i] = max(final.get(i, 0), m["data"]["all"]["v"])
+            elif m.get("type") == "change":
+                final[i] = max(final.get(i, 0), m["event_id"])
+                # Latency is sampled from change messages (they carry the row) on 50 subscribers of process 0;
+                # version deltas carry only the event id.
+                if index == 0 and i < 50:
+                    arrivals.append((m["new"]["n"], now))
+
+    async def run():
+        conns = await asyncio.gather(*(subscriber(i) for i in range(count)))
+        await asyncio.get_running_loop().run_in_executor(None, ready.wait)
+        await asyncio.gather(*(follow(ws, i) for ws, i in conns))
+
+    asyncio.run(run())
+    results.put((got[0], arrivals, last[0], list(final.values())))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=5499, help="Postgres port; the endpoint is on changerelay.port")
@@ -34,6 +82,7 @@ def main():
     ap.add_argument("--rate", type=int, default=1000, help="commits per second")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--changes", action="store_true", help="subscribe to changes (default: versions only)")
+    ap.add_argument("--procs", type=int, default=1, help="client processes sharing the subscribers")
     a = ap.parse_args()
 
     dsn = f"host=127.0.0.1 port={a.port} user=postgres dbname=postgres"
@@ -46,68 +95,46 @@ def main():
     token = db.execute("SELECT changerelay.create_token(%s, %s, true)", (label, [label])).fetchone()[0]
     time.sleep(0.5)
 
-    committed = {}  # n -> monotonic time COMMIT returned
-    latencies = []
-    received = [0]
-    ready = [0]
-    done = threading.Event()
-
-    def writer():
-        w = psycopg.connect(dsn, autocommit=True)
-        interval = 1.0 / a.rate
-        start = time.monotonic()
-        n = 0
-        while time.monotonic() - start < a.seconds:
-            n += 1
-            w.execute(f"UPDATE {table} SET n = %s WHERE id = 1", (n,))
-            committed[n] = time.monotonic()
-            lag = start + n * interval - time.monotonic()
-            if lag > 0:
-                time.sleep(lag)
-        w.close()
-        done.set()
-
-    async def subscriber(i, started):
-        uri = f"ws://127.0.0.1:{ws_port}/ws?token={token}"
-        async with websockets.connect(uri, max_queue=None, open_timeout=30) as ws:
-            await ws.send(json.dumps({"op": "subscribe", "labels": [label], "since": None,
-                                      "versions": not a.changes, "changes": a.changes}))
-            await ws.recv()  # subscribed
-            if not a.changes:
-                await ws.recv()  # the full version map
-            ready[0] += 1
-            if ready[0] == a.subscribers:
-                started.set()
-            while True:
-                try:
-                    msg = await asyncio.wait_for(ws.recv(), timeout=3 if done.is_set() else 60)
-                except (asyncio.TimeoutError, websockets.ConnectionClosed):
-                    return
-                now = time.monotonic()
-                m = json.loads(msg)
-                received[0] += 1
-                # Latency is sampled from change messages (they carry the row) on the first 50 subscribers;
-                # version deltas carry only the event id.
-                if m.get("type") == "change" and i < 50:
-                    n = m["new"]["n"]
-                    if n in committed:
-                        latencies.append((now - committed[n]) * 1000)
-
-    async def run():
-        started = asyncio.Event()
-        tasks = [asyncio.create_task(subscriber(i, started)) for i in range(a.subscribers)]
-        await asyncio.wait_for(started.wait(), 120)
-        t0 = time.monotonic()
-        received[0] = 0
-        threading.Thread(target=writer, daemon=True).start()
-        await asyncio.gather(*tasks)
-        return time.monotonic() - t0
-
-    elapsed = asyncio.run(run())
+    ctx = mp.get_context("fork")
+    counts = [a.subscribers // a.procs + (1 if i < a.subscribers % a.procs else 0) for i in range(a.procs)]
+    counts = [n for n in counts if n]
+    ready, done, results = ctx.Barrier(len(counts) + 1), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=client_process, args=(i, n, ws_port, token, label, a.changes, ready, done, results))
+             for i, n in enumerate(counts)]
+    for p in procs:
+        p.start()
+    ready.wait(timeout=180)
+    committed = {}  # n -> monotonic time COMMIT returned (CLOCK_MONOTONIC is system-wide)
+    w = psycopg.connect(dsn, autocommit=True)
+    interval = 1.0 / a.rate
+    t0 = time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < a.seconds:
+        n += 1
+        w.execute(f"UPDATE {table} SET n = %s WHERE id = 1", (n,))
+        committed[n] = time.monotonic()
+        lag = t0 + n * interval - time.monotonic()
+        if lag > 0:
+            time.sleep(lag)
+    w.close()
+    done.set()
+    received, last, latencies, finals = 0, t0, [], []
+    for _ in procs:
+        got, arrivals, last_at, final = results.get(timeout=600)
+        finals.extend(final)
+        received += got
+        last = max(last, last_at)
+        latencies.extend(max(0.0, t - committed[k]) * 1000 for k, t in arrivals if k in committed)
+    for p in procs:
+        p.join(30)
     writes = len(committed)
-    print(f"subscribers={a.subscribers} mode={'changes' if a.changes else 'versions'} commits={writes} "
-          f"({writes / a.seconds:.0f}/s) delivered={received[0]} messages "
-          f"({received[0] / max(elapsed - 3, 0.001):.0f}/s to all subscribers)")
+    elapsed = max(last - t0, 0.001)
+    print(f"subscribers={a.subscribers} client processes={len(procs)} mode={'changes' if a.changes else 'versions'} "
+          f"commits={writes} ({writes / a.seconds:.0f}/s) delivered={received} messages "
+          f"({received / elapsed:.0f}/s to all subscribers, last one {elapsed - a.seconds:.2f} s after the last commit)")
+    newest = db.execute("SELECT changerelay.version(%s)", (label,)).fetchone()[0]
+    print(f"subscribers that ended at the newest version ({newest}): {sum(1 for v in finals if v == newest)} "
+          f"of {a.subscribers}")
     if latencies:
         print(f"latency commit->subscriber ms: p50={statistics.median(latencies):.2f} "
               f"p95={pct(latencies, 95):.2f} p99={pct(latencies, 99):.2f} max={max(latencies):.2f} "

@@ -159,13 +159,13 @@ fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) ->
 fn revoke_token(name: &str) {
     require_preloaded();
     require_token_admin();
-    let deleted = select_one::<String>(
-        "WITH d AS (DELETE FROM changerelay.tokens WHERE name = $1 RETURNING name) SELECT name FROM d",
-        &[name.into()],
-    );
+    let deleted = Spi::connect_mut(|c| {
+        c.update("DELETE FROM changerelay.tokens WHERE name = $1", None, &[name.into()])
+            .map(|t| t.len())
+    });
     match deleted {
-        Ok(Some(_)) => crate::shmem::tokens_changed_at_commit(),
-        Ok(None) => raise(
+        Ok(n) if n > 0 => crate::shmem::tokens_changed_at_commit(),
+        Ok(_) => raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             format!("token \"{name}\" does not exist"),
             None,

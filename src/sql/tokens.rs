@@ -217,3 +217,66 @@ fn tokens() -> TableIterator<
         ),
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: &str) -> Option<T> {
+        Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    #[pg_test]
+    fn create_token_returns_a_secret_once_and_stores_its_hash() {
+        let secret: String =
+            one("SELECT changerelay.create_token('svc', ARRAY['parameters'], true)").unwrap_or_default();
+        assert!(secret.starts_with("crt_") && secret.len() == 47, "{secret}");
+        let matches: Option<bool> = one(&format!(
+            "SELECT secret_sha256 = sha256(convert_to('{secret}', 'UTF8')) FROM changerelay.tokens WHERE name = 'svc'"
+        ));
+        assert_eq!(matches, Some(true));
+        let listed: Option<String> =
+            one("SELECT name || ':' || array_to_string(labels, ',') || ':' || rows FROM changerelay.tokens()");
+        assert_eq!(listed.as_deref(), Some("svc:parameters:true"));
+        let other: String = one("SELECT changerelay.create_token('svc2', ARRAY['a'])").unwrap_or_default();
+        assert_ne!(other, secret);
+    }
+
+    #[pg_test(error = "token \"svc\" already exists")]
+    fn create_token_refuses_a_duplicate_name() {
+        Spi::run("SELECT changerelay.create_token('svc', ARRAY['a'])").unwrap_or_else(|e| panic!("{e}"));
+        Spi::run("SELECT changerelay.create_token('svc', ARRAY['b'])").unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[pg_test(error = "invalid label \"no spaces\"")]
+    fn create_token_checks_labels() {
+        Spi::run("SELECT changerelay.create_token('svc', ARRAY['no spaces'])").unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[pg_test(error = "a token needs at least one label")]
+    fn create_token_needs_a_label() {
+        Spi::run("SELECT changerelay.create_token('svc', ARRAY[]::text[])").unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[pg_test]
+    fn revoke_token_deletes_it() {
+        Spi::run("SELECT changerelay.create_token('svc', ARRAY['a'])").unwrap_or_else(|e| panic!("{e}"));
+        Spi::run("SELECT changerelay.revoke_token('svc')").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(one::<i64>("SELECT count(*) FROM changerelay.tokens"), Some(0));
+    }
+
+    #[pg_test(error = "token \"nope\" does not exist")]
+    fn revoke_token_names_an_unknown_token() {
+        Spi::run("SELECT changerelay.revoke_token('nope')").unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[pg_test(error = "permission denied to manage pg_changerelay tokens")]
+    fn tokens_need_changerelay_admin() {
+        Spi::run("CREATE ROLE cr_plain_user").unwrap_or_else(|e| panic!("{e}"));
+        Spi::run("GRANT EXECUTE ON FUNCTION changerelay.create_token(text, text[], boolean) TO cr_plain_user")
+            .unwrap_or_else(|e| panic!("{e}"));
+        Spi::run("SET LOCAL ROLE cr_plain_user").unwrap_or_else(|e| panic!("{e}"));
+        Spi::run("SELECT changerelay.create_token('svc', ARRAY['a'])").unwrap_or_else(|e| panic!("{e}"));
+    }
+}

@@ -72,6 +72,34 @@ def time_decode(conn, slot, function, options, repeat):
     return best, out[0], out[1]
 
 
+def measure(dsn, rows, batch=10_000, repeat=3, log=sys.stderr):
+    """Writes the workload, decodes it with every plugin (relay worker paused); returns
+    {"changed_rows", "repeat", "results": [{plugin, seconds, messages, bytes, rows_per_second, ratio_*}]}."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET work_mem = '256MB'")
+        # The relay worker would decode the same WAL on the other core; pause it.
+        conn.execute("ALTER SYSTEM SET changerelay.enabled = off")
+        conn.execute("SELECT pg_reload_conf()")
+        slots, changed = write_workload(conn, rows, batch)
+        results = []
+        try:
+            for (name, _, function, options), slot in zip(PLUGINS, slots):
+                secs, messages, nbytes = time_decode(conn, slot, function, options, repeat)
+                results.append({"plugin": name, "seconds": secs, "messages": messages, "bytes": nbytes,
+                                "rows_per_second": changed / secs})
+                print(f"  {name:24} {secs:8.3f} s  {changed / secs:12,.0f} rows/s  {nbytes:14,} bytes", file=log)
+        finally:
+            for slot in slots:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            conn.execute("ALTER SYSTEM RESET changerelay.enabled")
+            conn.execute("SELECT pg_reload_conf()")
+    base = next(r for r in results if r["plugin"] == "wal2json v2")
+    for r in results:
+        r["ratio_rows_per_second"] = r["rows_per_second"] / base["rows_per_second"]
+        r["ratio_bytes"] = r["bytes"] / base["bytes"]
+    return {"changed_rows": changed, "repeat": repeat, "results": results}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dsn", default=f"host=127.0.0.1 port={os.environ.get('PGCR_PORT', '5499')} user=postgres dbname=postgres")
@@ -80,36 +108,16 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json-out")
     a = ap.parse_args()
-    with psycopg.connect(a.dsn, autocommit=True) as conn:
-        conn.execute("SET work_mem = '256MB'")
-        # The relay worker would decode the same WAL on the other core; pause it.
-        conn.execute("ALTER SYSTEM SET changerelay.enabled = off")
-        conn.execute("SELECT pg_reload_conf()")
-        slots, changed = write_workload(conn, a.rows, a.batch)
-        results = []
-        try:
-            for (name, _, function, options), slot in zip(PLUGINS, slots):
-                secs, messages, nbytes = time_decode(conn, slot, function, options, a.repeat)
-                results.append({"plugin": name, "seconds": secs, "messages": messages, "bytes": nbytes,
-                                "rows_per_second": changed / secs})
-                print(f"  {name:24} {secs:8.3f} s  {changed / secs:12,.0f} rows/s  {nbytes:14,} bytes", file=sys.stderr)
-        finally:
-            for slot in slots:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-            conn.execute("ALTER SYSTEM RESET changerelay.enabled")
-            conn.execute("SELECT pg_reload_conf()")
-    base = next(r for r in results if r["plugin"] == "wal2json v2")
-    print(f"\nDecoding {changed:,} changed rows (peek, best of {a.repeat}):\n")
+    out = measure(a.dsn, a.rows, a.batch, a.repeat)
+    print(f"\nDecoding {out['changed_rows']:,} changed rows (peek, best of {a.repeat}):\n")
     print("| plugin | rows/s | x wal2json | bytes | bytes vs wal2json |")
     print("|---|---:|---:|---:|---:|")
-    for r in results:
-        r["ratio_rows_per_second"] = r["rows_per_second"] / base["rows_per_second"]
-        r["ratio_bytes"] = r["bytes"] / base["bytes"]
+    for r in out["results"]:
         print(f"| {r['plugin']} | {r['rows_per_second']:,.0f} | {r['ratio_rows_per_second']:.2f} | "
               f"{r['bytes']:,} | {r['ratio_bytes']:.2f} |")
     if a.json_out:
         with open(a.json_out, "w") as f:
-            json.dump({"changed_rows": changed, "results": results}, f, indent=2)
+            json.dump({"changed_rows": out["changed_rows"], "results": out["results"]}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ import psycopg
 import websockets
 
 
+QUIET = 3  # seconds of silence after the writer is done before a subscriber hangs up
+
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
@@ -45,13 +48,20 @@ def client_process(index, count, ws_port, token, label, changes, ready, done, re
         return ws, i
 
     async def follow(ws, i):
+        # Ends 3 s (QUIET) after the last message once `done` is set, or after 120 s of silence; polls every
+        # second so a recv() begun before `done` was set does not hold the subscriber for 120 s.
+        heard = time.monotonic()
         while True:
             try:
-                msg = await asyncio.wait_for(ws.recv(), timeout=3 if done.is_set() else 120)
-            except (asyncio.TimeoutError, websockets.ConnectionClosed):
+                msg = await asyncio.wait_for(ws.recv(), timeout=1)
+            except asyncio.TimeoutError:
+                if time.monotonic() - heard < (QUIET if done.is_set() else 120):
+                    continue
                 await ws.close()
                 return
-            now = time.monotonic()
+            except websockets.ConnectionClosed:
+                return
+            now = heard = time.monotonic()
             m = json.loads(msg)
             if m.get("type") == "checkpoint":
                 continue

@@ -8,7 +8,7 @@ TEST_PORT   ?= 5498
 PGRX_DATA   := $(CURDIR)/target/pgrx-test-data
 PYTEST_ARGS ?=
 
-.PHONY: setup install run stop test test-unit test-pg test-integration bench-decode fmt clean
+.PHONY: setup install run stop test test-unit test-pg test-integration bench-decode bench fmt clean
 
 ## Install toolchain and packages (idempotent).
 setup:
@@ -52,10 +52,16 @@ bench-decode: install
 	@mkdir -p bench/out
 	PGCR_PORT=$(RUN_PORT) .venv/bin/python bench/decode_throughput.py --rows $(ROWS) --json-out bench/out/decode.json
 
+## The benchmark suite (issue 6): installs (release), starts its own cluster on 127.0.0.1:5487 (endpoint 6487),
+## runs every workload, writes bench/out/results.{json,md,png}, stops the cluster. QUICK=1: under 3 minutes.
+bench: install
+	.venv/bin/python bench/run.py --no-install $(if $(QUICK),--quick)
+
 fmt:
 	cargo fmt --all
 
 clean:
 	-scripts/cluster.sh stop $(RUN_DIR)
 	-scripts/cluster.sh stop $(TEST_DIR)
+	-scripts/cluster.sh stop $(CURDIR)/target/bench-cluster
 	cargo clean

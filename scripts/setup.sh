@@ -36,7 +36,7 @@ if ! grep -qs "^pg$PG_MAJOR = \"$PG_CONFIG\"" "$PGRX_HOME/config.toml"; then
   cargo pgrx init --pg$PG_MAJOR "$PG_CONFIG"
 fi
 
-if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, websockets' 2>/dev/null; then
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, websockets, matplotlib' 2>/dev/null; then
   log "creating .venv with the test clients"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt

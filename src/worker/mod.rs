@@ -17,11 +17,12 @@
 use crate::gucs;
 use crate::shmem::{self, WorkerState};
 use crate::sql::{select_all, select_one};
-use changerelay_core::apply::{HistoryRow, VersionUpdates};
+use changerelay_core::apply::VersionUpdates;
 use changerelay_core::binary;
 use changerelay_core::lsn::lsn_to_string;
 mod decoder;
 mod endpoint;
+mod persist;
 
 use decoder::Decoder;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
@@ -95,6 +96,7 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         installed: false,
         last_prune: None,
         link: endpoint::start(),
+        persister: persist::Persister::default(),
     };
     let mut sleep = Duration::ZERO;
     while wait(sleep, relay.link.as_ref().map(endpoint::Link::wake_fd)) {
@@ -149,6 +151,7 @@ struct Relay {
     installed: bool,
     last_prune: Option<std::time::Instant>,
     link: Option<endpoint::Link>,
+    persister: persist::Persister,
 }
 
 impl Relay {
@@ -207,7 +210,7 @@ impl Relay {
         let fresh = if updates.is_empty() {
             Vec::new()
         } else {
-            let fresh = persist(&updates);
+            let fresh = self.persister.persist(&updates);
             apply_to_shared_memory(&updates);
             fresh
         };
@@ -299,116 +302,6 @@ fn ensure_slot(slot: &str) {
             Err(e) => error!("pg_changerelay relay: could not read pg_replication_slots: {e}"),
         }
     });
-}
-
-/// Writes the batch's versions and history in one transaction, together
-/// with the event id it has applied through. Transactions at or below that
-/// mark were applied before (the batch is being decoded again after a crash
-/// or restart): their history is skipped, their versions are harmless to
-/// apply again (they only move forward).
-fn persist(u: &VersionUpdates) -> Vec<HistoryRow> {
-    let mut labels: Vec<String> = Vec::new();
-    let (mut lv, mut lts, mut fv, mut fts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for label in u
-        .labels
-        .keys()
-        .chain(u.floors.keys().filter(|l| !u.labels.contains_key(*l)))
-    {
-        let all = u.labels.get(label).copied().unwrap_or_default();
-        let floor = u.floors.get(label).copied().unwrap_or_default();
-        labels.push(label.clone());
-        lv.push(all.v as i64);
-        lts.push(all.ts);
-        fv.push(floor.v as i64);
-        fts.push(floor.ts);
-    }
-    let (mut rl, mut ri, mut rv, mut rts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for ((label, id), v) in &u.rows {
-        rl.push(label.clone());
-        ri.push(id.clone());
-        rv.push(v.v as i64);
-        rts.push(v.ts);
-    }
-    let history = u.history.clone();
-    let through = u.last_commit.map(|c| c.event_id as i64).unwrap_or(0);
-    let result = BackgroundWorker::transaction(move || {
-        // Only this process writes the mark, so no row lock is needed.
-        let applied = select_one::<i64>("SELECT applied FROM changerelay.history_horizon", &[])?.unwrap_or(0);
-        Spi::run_with_args(
-            "INSERT INTO changerelay.label_versions AS t (label, v, ts, floor_v, floor_ts)
-             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
-             ON CONFLICT (label) DO UPDATE SET
-                v = greatest(t.v, excluded.v),
-                ts = CASE WHEN excluded.v > t.v THEN excluded.ts ELSE t.ts END,
-                floor_v = greatest(t.floor_v, excluded.floor_v),
-                floor_ts = CASE WHEN excluded.floor_v > t.floor_v THEN excluded.floor_ts ELSE t.floor_ts END",
-            &[labels.into(), lv.into(), lts.into(), fv.into(), fts.into()],
-        )?;
-        if !rl.is_empty() {
-            Spi::run_with_args(
-                "INSERT INTO changerelay.row_versions AS t (label, identifier, v, ts)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[])
-                 ON CONFLICT (label, identifier) DO UPDATE SET
-                    v = greatest(t.v, excluded.v),
-                    ts = CASE WHEN excluded.v > t.v THEN excluded.ts ELSE t.ts END",
-                &[rl.into(), ri.into(), rv.into(), rts.into()],
-            )?;
-        }
-        let fresh: Vec<HistoryRow> = history.into_iter().filter(|r| r.event_id as i64 > applied).collect();
-        for chunk in fresh.chunks(HISTORY_CHUNK) {
-            insert_history(chunk)?;
-        }
-        if through > applied {
-            Spi::run_with_args("UPDATE changerelay.history_horizon SET applied = $1", &[through.into()])?;
-        }
-        Ok::<_, pgrx::spi::Error>(fresh)
-    });
-    match result {
-        Ok(fresh) => fresh,
-        Err(e) => error!("pg_changerelay relay: could not persist versions: {e}"),
-    }
-}
-
-/// History rows inserted per statement (bounds the argument arrays).
-const HISTORY_CHUNK: usize = 5000;
-
-/// Inserts history rows. A row already there means the applied mark is
-/// wrong: that is an error (the worker restarts), never a silent skip.
-fn insert_history(rows: &[HistoryRow]) -> Result<(), pgrx::spi::Error> {
-    let col = |f: &dyn Fn(&HistoryRow) -> Option<String>| rows.iter().map(f).collect::<Vec<Option<String>>>();
-    let event_ids: Vec<i64> = rows.iter().map(|r| r.event_id as i64).collect();
-    let pos: Vec<i32> = rows.iter().map(|r| r.pos as i32).collect();
-    let seq: Vec<i32> = rows.iter().map(|r| r.seq as i32).collect();
-    let ts: Vec<i64> = rows.iter().map(|r| r.ts).collect();
-    let xid: Vec<i64> = rows.iter().map(|r| i64::from(r.xid)).collect();
-    let relid: Vec<i64> = rows.iter().map(|r| i64::from(r.relid)).collect();
-    let label: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
-    let table: Vec<String> = rows.iter().map(|r| r.table_name.clone()).collect();
-    let op: Vec<String> = rows.iter().map(|r| r.op.to_string()).collect();
-    Spi::run_with_args(
-        "INSERT INTO changerelay.history
-                (event_id, pos, seq, ts, xid, relid, label, table_name, op, identifier, key, new, old, metadata)
-         SELECT e, p, s, t, x, r::oid, l, tn, o, i, k::jsonb, n::jsonb, ol::jsonb, m::jsonb
-           FROM unnest($1::int8[], $2::int4[], $3::int4[], $4::int8[], $5::int8[], $6::int8[], $7::text[],
-                       $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])
-                AS u(e, p, s, t, x, r, l, tn, o, i, k, n, ol, m)",
-        &[
-            event_ids.into(),
-            pos.into(),
-            seq.into(),
-            ts.into(),
-            xid.into(),
-            relid.into(),
-            label.into(),
-            table.into(),
-            op.into(),
-            col(&|r| r.identifier.clone()).into(),
-            col(&|r| r.key.clone()).into(),
-            col(&|r| r.new.clone()).into(),
-            col(&|r| r.old.clone()).into(),
-            col(&|r| r.metadata.clone()).into(),
-        ],
-    )
 }
 
 fn apply_to_shared_memory(u: &VersionUpdates) {

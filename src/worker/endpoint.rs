@@ -29,11 +29,17 @@ const MAX_PAGE: u32 = 10_000;
 /// Status is republished at least this often (lag moves without batches).
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
+/// (consuming, state, last event id, head event id, labels generation).
+type StatusKey = (bool, u32, u64, u64, u64);
+
 pub struct Link {
     endpoint: ep::Endpoint,
     port: ep::WorkerPort,
     tokens_seen: Option<u64>,
-    last_status: Option<(ep::Status, Instant)>,
+    /// What the last published status showed (see `publish_status`), and when.
+    last_status: Option<(StatusKey, Instant)>,
+    /// Bumped whenever `labels` is reloaded.
+    labels_generation: u64,
     labels: Vec<String>,
     labels_stale: bool,
     /// The cursor after everything applied; None until first read.
@@ -79,6 +85,7 @@ pub fn start() -> Option<Link> {
                 port,
                 tokens_seen: None,
                 last_status: None,
+                labels_generation: 0,
                 labels: Vec::new(),
                 labels_stale: true,
                 head: None,
@@ -203,6 +210,7 @@ impl Link {
         if installed && (self.labels_stale || self.head.is_none()) {
             let (labels, head) = BackgroundWorker::transaction(|| (load_labels(), history::current()));
             self.labels = labels;
+            self.labels_generation += 1;
             self.head = Some(head);
             self.labels_stale = false;
         }
@@ -263,28 +271,40 @@ impl Link {
         self.tokens_seen = Some(generation);
     }
 
+    /// Publishes the status when what clients see of it changed (state,
+    /// applied position, labels), and every second for the lag. Runs every
+    /// loop turn, so the message is only built when it is due.
     fn publish_status(&mut self) {
         let Some(shared) = shmem::shared() else { return };
         let st = &shared.status;
         let state = WorkerState::from_u32(st.state.load(Ordering::Acquire));
+        let consuming = state == WorkerState::Streaming && gucs::enabled();
+        let last_event_id = st.last_event_id.load(Ordering::Acquire);
+        let key = (
+            consuming,
+            state as u32,
+            last_event_id,
+            self.head.map_or(0, |h| h.event_id),
+            self.labels_generation,
+        );
+        let due = match &self.last_status {
+            Some((last, at)) => *last != key || at.elapsed() >= STATUS_EVERY,
+            None => true,
+        };
+        if !due {
+            return;
+        }
         // SAFETY: reading the WAL flush position from shared memory.
         let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
-        let status = ep::Status {
-            consuming: state == WorkerState::Streaming && gucs::enabled(),
+        self.endpoint.publish(ep::ToEndpoint::Status(ep::Status {
+            consuming,
             state: state.as_str().to_string(),
-            last_event_id: st.last_event_id.load(Ordering::Acquire),
+            last_event_id,
             lag_bytes: flushed.saturating_sub(st.confirmed_lsn.load(Ordering::Acquire)),
             head: self.head.map(|h| h.encode()).unwrap_or_default(),
             labels: self.labels.clone(),
-        };
-        let due = match &self.last_status {
-            Some((last, at)) => *last != status || at.elapsed() >= STATUS_EVERY,
-            None => true,
-        };
-        if due {
-            self.endpoint.publish(ep::ToEndpoint::Status(status.clone()));
-            self.last_status = Some((status, Instant::now()));
-        }
+        }));
+        self.last_status = Some((key, Instant::now()));
     }
 }
 

@@ -128,8 +128,9 @@ impl Link {
     }
 
     /// Publishes a committed, applied batch. `fresh`: its history rows not
-    /// published before (a batch decoded again after a restart has none).
-    pub fn publish_batch(&mut self, fresh: &[HistoryRow], updates: &VersionUpdates) {
+    /// published before (a batch decoded again after a restart has none),
+    /// moved into the message rather than copied.
+    pub fn publish_batch(&mut self, fresh: Vec<HistoryRow>, updates: &VersionUpdates) {
         let (system_id, timeline) = history::cluster();
         let cursor = |event_id: u64, pos: u32| {
             Cursor {
@@ -141,21 +142,21 @@ impl Link {
             .encode()
         };
         let changes = fresh
-            .iter()
+            .into_iter()
             .map(|r| ep::ChangeRow {
                 cursor: cursor(r.event_id, r.pos),
                 event_id: r.event_id,
                 seq: r.seq as i32,
                 ts: r.ts,
                 xid: i64::from(r.xid),
-                label: r.label.clone(),
-                table_name: r.table_name.clone(),
+                label: r.label,
+                table_name: r.table_name,
                 op: r.op.to_string(),
-                identifier: r.identifier.clone(),
-                key: r.key.clone(),
-                new: r.new.clone(),
-                old: r.old.clone(),
-                metadata: r.metadata.clone(),
+                identifier: r.identifier,
+                key: r.key,
+                new: r.new,
+                old: r.old,
+                metadata: r.metadata,
             })
             .collect();
         let deltas = updates.deltas();

@@ -229,7 +229,7 @@ impl Relay {
         if !updates.is_empty() {
             shmem::broadcast();
             if let Some(link) = self.link.as_mut() {
-                link.publish_batch(&fresh, &updates);
+                link.publish_batch(fresh, &updates);
             }
         }
         if more {

@@ -61,6 +61,11 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["wal_level = logical", "shared_preload_libraries = 'pg_changerelay'"]
+        // No endpoint: #[pg_test]s need none, and it would take the default port.
+        vec![
+            "wal_level = logical",
+            "shared_preload_libraries = 'pg_changerelay'",
+            "changerelay.port = 0",
+        ]
     }
 }

@@ -890,6 +890,12 @@ def test_health_503_while_disabled_and_200_again(db, tracked, tokens):
     assert metrics()["changerelay_worker_consuming"] == 1
 
 
+def test_status_reports_the_endpoint(db):
+    """changerelay.status() says the endpoint listens, and on which port."""
+    ep = db.execute("SELECT changerelay.status()->'endpoint'").fetchone()[0]
+    assert ep == {"port": EP, "state": "listening"}, ep
+
+
 def test_worker_sigterm_closes_websockets_with_1001_within_a_second(db, tracked, tokens):
     """pg_terminate_backend() on the relay worker: every open WebSocket gets close 1001 within a second; the
     postmaster restarts the worker and the endpoint serves again, and the client resumes from its cursor

@@ -9,7 +9,7 @@ use crate::sql::{label_known, require_preloaded, unknown_label};
 use changerelay_core::versions::{row_hash, Lookup, Version};
 use pgrx::prelude::*;
 use pgrx::JsonB;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
 fn loaded() -> bool {
@@ -182,22 +182,14 @@ fn versions(label: &str) -> TableIterator<'static, (name!(identifier, String), n
     TableIterator::new(out)
 }
 
-fn map_message(label: &str, lv: LabelVersions) -> Value {
-    let mut data = Map::new();
-    if let Some(all) = lv.all {
-        data.insert("all".into(), json!({"v": all.v, "ts": all.ts}));
-    }
-    for (id, v) in lv.rows {
-        data.insert(id, json!({"v": v.v, "ts": v.ts}));
-    }
-    json!({"label": label, "data": Value::Object(data)})
-}
-
 /// The version map message applications parse:
 /// `{"label":"parameters","data":{"all":{"v":…,"ts":…},"WAFCONFIG":{"v":…,"ts":…}}}`.
 #[pg_extern(stable, parallel_safe)]
 fn version_map(label: &str) -> JsonB {
-    JsonB(map_message(label, label_versions(label)))
+    let lv = label_versions(label);
+    let text = changerelay_core::versions::map_json(label, lv.all, lv.rows.iter().map(|(id, v)| (id.as_str(), *v)));
+    // The same text the endpoint sends; it is valid JSON by construction.
+    JsonB(serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// The version map message for the relay worker's endpoint, as text:

@@ -207,10 +207,11 @@ impl Relay {
                 ),
             }
         }
-        let fresh = if updates.is_empty() {
+        let changed = !updates.is_empty();
+        let fresh = if !changed {
             Vec::new()
         } else {
-            let fresh = self.persister.persist(&updates);
+            let fresh = self.persister.persist(&mut updates);
             apply_to_shared_memory(&updates);
             fresh
         };
@@ -226,7 +227,7 @@ impl Relay {
             s.status.batches.fetch_add(1, Ordering::Relaxed);
             s.status.changes.fetch_add(updates.changes, Ordering::Relaxed);
         }
-        if !updates.is_empty() {
+        if changed {
             shmem::broadcast();
             if let Some(link) = self.link.as_mut() {
                 link.publish_batch(fresh, &updates);

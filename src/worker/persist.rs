@@ -79,8 +79,11 @@ impl Persister {
     /// batch is being decoded again after a crash or restart): their history
     /// is skipped, their versions are harmless to apply again (they only move
     /// forward). A row already there means the mark is wrong: that is an error
-    /// (the worker restarts), never a silent skip.
-    pub fn persist(&mut self, u: &VersionUpdates) -> Vec<HistoryRow> {
+    /// (the worker restarts), never a silent skip. The batch's history rows
+    /// are moved out of `u`, not copied.
+    pub fn persist(&mut self, u: &mut VersionUpdates) -> Vec<HistoryRow> {
+        let history = std::mem::take(&mut u.history);
+        let u = &*u;
         let statements = AssertUnwindSafe(&mut self.statements);
         let result = BackgroundWorker::transaction(move || {
             let statements = statements;
@@ -91,7 +94,7 @@ impl Persister {
                 let Some(st) = statements.0.as_ref() else {
                     unreachable!("prepared above")
                 };
-                write_batch(c, st, u)
+                write_batch(c, st, u, history)
             })
         });
         match result {
@@ -105,6 +108,7 @@ fn write_batch(
     c: &mut SpiClient<'_>,
     st: &Statements,
     u: &VersionUpdates,
+    history: Vec<HistoryRow>,
 ) -> Result<Vec<HistoryRow>, pgrx::spi::Error> {
     // Only this process writes the mark, so no row lock is needed.
     let applied = c
@@ -142,12 +146,7 @@ fn write_batch(
         }
         c.update(&st.rows, None, &[rl.into(), ri.into(), rv.into(), rts.into()])?;
     }
-    let fresh: Vec<HistoryRow> = u
-        .history
-        .iter()
-        .filter(|r| r.event_id as i64 > applied)
-        .cloned()
-        .collect();
+    let fresh: Vec<HistoryRow> = history.into_iter().filter(|r| r.event_id as i64 > applied).collect();
     for chunk in fresh.chunks(HISTORY_CHUNK) {
         insert_history(c, &st.history, chunk)?;
     }

@@ -10,6 +10,7 @@
 
 use pgrx::prelude::*;
 
+mod compat;
 mod errors;
 mod gucs;
 mod plugin;
@@ -27,24 +28,12 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: reading a postmaster global from _PG_init.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     gucs::define(preloading);
-    reserve_guc_prefix();
+    // SAFETY: _PG_init, main thread.
+    unsafe { compat::reserve_guc_prefix(GUC_PREFIX) };
     if preloading {
         shmem::install(gucs::max_labels(), gucs::max_tracked_rows());
         shmem::register_wakeup();
         worker::register();
-    }
-}
-
-fn reserve_guc_prefix() {
-    // SAFETY: called from _PG_init on the main thread with a static C string.
-    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
-    unsafe {
-        pg_sys::MarkGUCPrefixReserved(GUC_PREFIX.as_ptr());
-    }
-    // SAFETY: as above; the pre-15 spelling of the same thing.
-    #[cfg(any(feature = "pg13", feature = "pg14"))]
-    unsafe {
-        pg_sys::EmitWarningsOnPlaceholders(GUC_PREFIX.as_ptr());
     }
 }
 

@@ -95,8 +95,6 @@ pub struct Shared {
 
 static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
 static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
-#[cfg(not(any(feature = "pg13", feature = "pg14")))]
-static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
 static N_LABELS: AtomicU32 = AtomicU32::new(0);
 static N_ENTRIES: AtomicU32 = AtomicU32::new(0);
 
@@ -123,20 +121,14 @@ pub fn install(n_labels: usize, n_entries: usize) {
     // SAFETY: _PG_init runs single-threaded in the postmaster; saving and
     // replacing hook pointers is the documented way to chain them.
     unsafe {
-        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
-        {
-            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
-            pg_sys::shmem_request_hook = Some(shmem_request);
-        }
-        #[cfg(any(feature = "pg13", feature = "pg14"))]
-        request();
+        crate::compat::on_shmem_request(request);
         PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(shmem_startup);
     }
 }
 
 /// # Safety
-/// Only from the shmem request hook (or _PG_init before PG 15).
+/// Only where Postgres accepts shared memory requests (compat::on_shmem_request).
 unsafe fn request() {
     let size = total_size(
         N_LABELS.load(Ordering::Relaxed) as usize,
@@ -146,18 +138,6 @@ unsafe fn request() {
     unsafe {
         pg_sys::RequestAddinShmemSpace(size);
         pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
-    }
-}
-
-#[cfg(not(any(feature = "pg13", feature = "pg14")))]
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn shmem_request() {
-    // SAFETY: chaining to the previous hook, then requesting our share.
-    unsafe {
-        if let Some(prev) = PREV_SHMEM_REQUEST {
-            prev();
-        }
-        request();
     }
 }
 

@@ -57,7 +57,7 @@ impl Decoder {
             pg_sys::CheckLogicalDecodingRequirements();
             let owner = pg_sys::ResourceOwnerCreate(std::ptr::null_mut(), c"pg_changerelay relay".as_ptr());
             pg_sys::CurrentResourceOwner = owner;
-            pg_sys::ReplicationSlotAcquire(slot_c.as_ptr(), true);
+            crate::compat::replication_slot_acquire(&slot_c);
             let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
             let mut options: *mut pg_sys::List = std::ptr::null_mut();
             for (name, value) in OPTIONS {

@@ -1,67 +1,138 @@
 # pg_changerelay: the two commands are `make run` and `make test`.
-PG_MAJOR    := 15
-PG_CONFIG   := /usr/lib/postgresql/$(PG_MAJOR)/bin/pg_config
-RUN_DIR     := $(CURDIR)/target/run-cluster
-RUN_PORT    ?= 5499
-TEST_DIR    := $(CURDIR)/target/test-cluster
-TEST_PORT   ?= 5498
-PGRX_DATA   := $(CURDIR)/target/pgrx-test-data
+#
+# PG=15|17|18 selects the PostgreSQL major for every target (default 15, the
+# host's own package). 17 and 18 are built, installed and run inside Debian
+# roots (scripts/root.sh, made once per machine by `make setup PG=NN`); the
+# tests and clients run on the host and reach their servers over 127.0.0.1.
+#
+#   make test             every tier on 15, 17 and 18 in turn (what CI runs)
+#   make test PG=17       every tier on one major
+#   make run PG=18        the demo on an 18 cluster; make stop PG=18
+#
+# Ports derive from one base per major, PGCR_PORT (15: 5498, 17: 5700,
+# 18: 5800): the test cluster is PGCR_PORT, `make run`'s PGCR_PORT+1, the
+# bench's PGCR_PORT-11, the tests' extra clusters PGCR_PORT-2 ... -9
+# (tests/integration/conftest.py), and every cluster's endpoint its port+1000.
+# Set PGCR_PORT to run two majors (or two people) side by side.
+
+# `make test` with no PG given anywhere runs every major.
+ifeq ($(origin PG),undefined)
+TEST_EVERY_MAJOR := 1
+endif
+PG          ?= 15
+PGS         ?= 15 17 18
+ifeq ($(filter $(PG),15 17 18),)
+$(error PG=$(PG) is not supported: use 15, 17 or 18)
+endif
+
+PORT_BASE_15 := 5498
+PORT_BASE_17 := 5700
+PORT_BASE_18 := 5800
+PGCR_PORT   ?= $(PORT_BASE_$(PG))
+RUN_PORT    ?= $(shell echo $$(($(PGCR_PORT) + 1)))
+BENCH_PORT  ?= $(shell echo $$(($(PGCR_PORT) - 11)))
+
+# Paths below are the same on the host and inside a root (the project tree
+# is mounted at its own path there). Each major has its own cargo target
+# directory, which also holds its clusters: target/pg15 is the host's.
+PG_CONFIG   := /usr/lib/postgresql/$(PG)/bin/pg_config
+WORK        := $(CURDIR)/target/pg$(PG)
+IN_ROOT     := $(if $(filter 15,$(PG)),,scripts/root.sh run $(PG))
+CARGO       := $(IN_ROOT) env CARGO_TARGET_DIR=$(WORK) cargo
+HOST_CARGO  := env CARGO_TARGET_DIR=$(CURDIR)/target/pg15 cargo
+FEATURES    := --no-default-features --features pg$(PG)
+RUN_DIR     := $(WORK)/run-cluster
+TEST_DIR    := $(WORK)/test-cluster
+PGRX_DATA   := $(WORK)/pgrx-test-data
+TIMED       := scripts/timed.sh
 PYTEST_ARGS ?=
+# The cross-major load check loads this major's build into a server of
+# another major: 15's into 17, 17's into 15, 18's into 17.
+FOREIGN_PG_15 := 17
+FOREIGN_PG_17 := 15
+FOREIGN_PG_18 := 17
+FOREIGN_PG  ?= $(FOREIGN_PG_$(PG))
 
-.PHONY: setup install run stop test test-unit test-pg test-integration bench-decode bench fmt clean
+.PHONY: setup setup-all install run stop test test-all test-one test-major test-unit test-pg test-integration \
+        bench-decode bench fmt clean
 
-## Install toolchain and packages (idempotent).
+## Install toolchain and packages (idempotent); for 17/18 also that major's root.
 setup:
-	@scripts/setup.sh
+	@PG=$(PG) scripts/setup.sh
 
-## Build (release) and install into the system PostgreSQL.
+setup-all:
+	@for pg in $(PGS); do PG=$$pg scripts/setup.sh || exit 1; done
+
+## Build (release) and install into PostgreSQL $(PG) (the host's for 15, the root's for 17/18).
 install: setup
-	cargo pgrx install --release --pg-config $(PG_CONFIG)
+	$(CARGO) pgrx install --release --pg-config $(PG_CONFIG) $(FEATURES)
 
 ## Build, install, start a local cluster (127.0.0.1:$(RUN_PORT)) and show the plugin working.
 run: install
-	@scripts/cluster.sh start $(RUN_DIR) $(RUN_PORT)
+	@PG=$(PG) scripts/cluster.sh start $(RUN_DIR) $(RUN_PORT)
 	@scripts/demo.sh $(RUN_PORT)
 
 ## Stop the cluster `make run` started.
 stop:
-	@scripts/cluster.sh stop $(RUN_DIR)
+	@PG=$(PG) scripts/cluster.sh stop $(RUN_DIR)
 
-## Every test tier: pure unit tests, #[pg_test], integration tests on a real cluster.
-test: setup test-unit test-pg test-integration
+## Every test tier: pure unit tests (once), then #[pg_test] and integration tests on a real cluster,
+## for PG, or for every major in PGS when no PG is given.
+test: $(if $(TEST_EVERY_MAJOR),test-all,test-one)
+
+test-one: setup
+	@$(TIMED) "unit tests" $(MAKE) --no-print-directory test-unit
+	@$(MAKE) --no-print-directory test-major PG=$(PG)
+
+test-all: setup-all
+	@rm -f target/times.log
+	@$(TIMED) "unit tests" $(MAKE) --no-print-directory test-unit
+	@failed=""; for pg in $(PGS); do \
+	  $(TIMED) "PostgreSQL $$pg, all tiers" $(MAKE) --no-print-directory test-major PG=$$pg || failed="$$failed $$pg"; \
+	done; \
+	echo "== times"; cat target/times.log; \
+	if [ -n "$$failed" ]; then echo "FAILED on PostgreSQL$$failed"; exit 1; fi; \
+	echo "all tiers passed on PostgreSQL $(PGS)"
+
+test-major:
+	@$(TIMED) "PostgreSQL $(PG): #[pg_test]" $(MAKE) --no-print-directory test-pg
+	@$(TIMED) "PostgreSQL $(PG): integration" $(MAKE) --no-print-directory test-integration
 
 test-unit:
-	cargo test -p changerelay-core -p changerelay-endpoint
+	$(HOST_CARGO) test -p changerelay-core -p changerelay-endpoint
 
 test-pg:
-	@mkdir -p $(PGRX_DATA) && chown postgres:postgres $(PGRX_DATA)
-	cargo pgrx test pg$(PG_MAJOR) --runas postgres --pgdata $(PGRX_DATA)
+	@$(IN_ROOT) sh -c 'rm -rf "$$0" && install -d -o postgres -g postgres "$$0"' $(PGRX_DATA)
+	$(CARGO) pgrx test pg$(PG) --runas postgres --pgdata $(PGRX_DATA)
 
 test-integration:
-	cargo pgrx install --pg-config $(PG_CONFIG)
-	@scripts/cluster.sh stop $(TEST_DIR); rm -rf $(TEST_DIR)
-	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
-	@PGCR_PORT=$(TEST_PORT) PGCR_DATA=$(TEST_DIR) .venv/bin/pytest tests/integration $(PYTEST_ARGS); \
+	$(CARGO) pgrx install --pg-config $(PG_CONFIG) $(FEATURES)
+	@PG=$(PG) scripts/cluster.sh stop $(TEST_DIR); rm -rf $(TEST_DIR)
+	@PG=$(PG) scripts/cluster.sh start $(TEST_DIR) $(PGCR_PORT)
+	@PG=$(PG) PGCR_PORT=$(PGCR_PORT) PGCR_DATA=$(TEST_DIR) PGCR_WORK=$(WORK) \
+	  PGCR_LIB=$(WORK)/debug/libpg_changerelay.so PGCR_FOREIGN_PG=$(FOREIGN_PG) \
+	  .venv/bin/pytest tests/integration $(PYTEST_ARGS); \
 	  status=$$?; \
-	  scripts/cluster.sh stop $(TEST_DIR); exit $$status
+	  PG=$(PG) scripts/cluster.sh stop $(TEST_DIR); exit $$status
 
 ## Decoding throughput next to wal2json, test_decoding and pgoutput (ROWS=600000 for >1M changes).
 ROWS ?= 100000
 bench-decode: install
-	@scripts/cluster.sh start $(RUN_DIR) $(RUN_PORT)
+	@PG=$(PG) scripts/cluster.sh start $(RUN_DIR) $(RUN_PORT)
 	@mkdir -p bench/out
 	PGCR_PORT=$(RUN_PORT) .venv/bin/python bench/decode_throughput.py --rows $(ROWS) --json-out bench/out/decode.json
 
-## The benchmark suite (issue 6): installs (release), starts its own cluster on 127.0.0.1:5487 (endpoint 6487),
-## runs every workload, writes bench/out/results.{json,md,png}, stops the cluster. QUICK=1: under 3 minutes.
+## The benchmark suite (issue 6): installs (release), starts its own cluster on 127.0.0.1:$(BENCH_PORT)
+## (endpoint +1000), runs every workload, writes bench/out/results.{json,md,png} (bench/out/pgNN for 17
+## and 18), stops the cluster. QUICK=1: under 3 minutes.
+BENCH_OUT := $(CURDIR)/bench/out$(if $(filter 15,$(PG)),,/pg$(PG))
 bench: install
-	.venv/bin/python bench/run.py --no-install $(if $(QUICK),--quick)
+	PG=$(PG) .venv/bin/python bench/run.py --no-install --port $(BENCH_PORT) --out $(BENCH_OUT) $(if $(QUICK),--quick)
 
 fmt:
 	cargo fmt --all
 
 clean:
-	-scripts/cluster.sh stop $(RUN_DIR)
-	-scripts/cluster.sh stop $(TEST_DIR)
-	-scripts/cluster.sh stop $(CURDIR)/target/bench-cluster
-	cargo clean
+	-for pg in $(PGS); do for d in run-cluster test-cluster bench-cluster; do \
+	  [ -d target/pg$$pg/$$d ] && PG=$$pg scripts/cluster.sh stop $(CURDIR)/target/pg$$pg/$$d; done; done
+	rm -rf target

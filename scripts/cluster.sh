@@ -10,6 +10,14 @@
 # EXTRA_CONF (newline-separated settings) is appended to postgresql.conf
 # when the cluster is created.
 #
+# PG=15|17|18 (default 15) selects the major. 15 is the host's own package;
+# 17 and 18 run inside their Debian roots (scripts/root.sh; build them with
+# `make setup PG=NN`): this script then runs itself inside the root, where
+# the project tree has the same path, so DIR must be inside the project.
+# Either way the server listens on 127.0.0.1:PORT and the host's clients
+# (psql, psycopg, curl) reach it; it runs as the `postgres` user (the root's
+# own one for 17/18).
+#
 # PostgreSQL 15.19 and later only load output plugins listed in the
 # superuser setting output_plugin_libraries; older minors refuse to start
 # when it is set, so it is added only when this server knows it.
@@ -17,8 +25,25 @@ set -euo pipefail
 
 cmd=${1:?usage: cluster.sh start|stop|restart-immediate DIR [PORT]}
 dir=${2:?data directory}
-PGBIN=$(pg_config --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)
-[ -x "$PGBIN/pg_ctl" ] || PGBIN=/usr/lib/postgresql/15/bin
+PG=${PG:-15}
+case "$PG" in 15 | 17 | 18) ;; *) echo "cluster.sh: PG=$PG is not supported (15, 17, 18)" >&2; exit 2 ;; esac
+
+if [ "$PG" != 15 ] && [ -z "${PGCR_IN_ROOT:-}" ]; then
+  here=$(cd "$(dirname "$0")/.." && pwd)
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  case "$dir/" in
+    "$here"/*) ;;
+    *) echo "cluster.sh: with PG=$PG the data directory must be inside $here (it is mounted into the root)" >&2; exit 2 ;;
+  esac
+  # A running server keeps the root's mounts (of its own mount namespace).
+  mode=run
+  [ "$cmd" = stop ] || mode=serve
+  exec "$here/scripts/root.sh" "$mode" "$PG" "$here/scripts/cluster.sh" "$cmd" "$dir" "${@:3}"
+fi
+
+PGBIN=/usr/lib/postgresql/$PG/bin
+[ -x "$PGBIN/pg_ctl" ] || { echo "cluster.sh: no PostgreSQL $PG in $PGBIN (make setup PG=$PG)" >&2; exit 2; }
 OS_USER=postgres
 
 as_pg() {

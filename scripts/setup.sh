@@ -2,13 +2,19 @@
 # Installs everything pg_changerelay needs to build, test and run, skipping
 # what is already there: Debian packages, cargo-pgrx 0.18.0, `cargo pgrx init`
 # against the system pg_config, and a Python virtualenv for the test clients.
+#
+# PG=17 or PG=18 (default 15, the host's own PostgreSQL) also builds that
+# major's Debian root (scripts/root.sh: debootstrap, packages) once and runs
+# `cargo pgrx init --pgNN` inside it, where PGRX_HOME is the root's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PG_MAJOR=15
+PG=${PG:-15}
+PG_MAJOR=15  # the host's: its clients (psql), and a server for cross-major checks
 PGRX_VERSION=0.18.0
 PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib libclang-dev clang sudo
-          postgresql-$PG_MAJOR-wal2json python3-venv)
+          postgresql-$PG_MAJOR-wal2json python3-venv curl)
+[ "$PG" = 15 ] || PACKAGES+=(debootstrap)
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
@@ -41,4 +47,12 @@ if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, websocket
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 fi
-log "ready"
+if [ "$PG" != 15 ]; then
+  scripts/root.sh ensure "$PG"
+  # The root's own ~/.pgrx (the host's is not mounted there).
+  scripts/root.sh run "$PG" /bin/sh -c '
+    grep -qs "^pg$0 = \"/usr/lib/postgresql/$0/bin/pg_config\"" /root/.pgrx/config.toml && exit 0
+    echo "[setup] cargo pgrx init --pg$0 (inside the root)"
+    cargo pgrx init --pg$0 /usr/lib/postgresql/$0/bin/pg_config' "$PG"
+fi
+log "ready (PostgreSQL $PG)"

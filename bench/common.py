@@ -9,7 +9,8 @@ import time
 
 import psycopg
 
-PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
+# pgbench of the major under test (PG=15|17|18; from its root for 17 and 18, which sees /tmp).
+PGBENCH = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "pgtool.sh"), "pgbench"]
 
 
 class Bench:
@@ -154,7 +155,7 @@ def pgbench(b, script, clients, seconds, prepared=False):
     path = f"/tmp/pgcr_bench_{os.getpid()}_{abs(hash(script))}.sql"
     with open(path, "w") as f:
         f.write(script)
-    cmd = [PGBENCH, "-n", "-f", path, "-c", str(clients), "-j", str(min(2, clients)), "-T", str(seconds),
+    cmd = PGBENCH + ["-n", "-f", path, "-c", str(clients), "-j", str(min(2, clients)), "-T", str(seconds),
            "-h", "127.0.0.1", "-p", str(b.port), "-U", "postgres"]
     if prepared:
         cmd += ["-M", "prepared"]

@@ -27,8 +27,10 @@ import wl_latency  # noqa: E402
 import wl_memory  # noqa: E402
 import wl_overhead  # noqa: E402
 
-PG_CONFIG = "/usr/lib/postgresql/15/bin/pg_config"
-DATA_DIR = os.path.join(ROOT, "target", "bench-cluster")
+# The major (PG=15|17|18, as for every make target); 17 and 18 run inside their roots (scripts/root.sh).
+PG = os.environ.get("PG", "15")
+PGTOOL = os.path.join(ROOT, "scripts", "pgtool.sh")
+DATA_DIR = os.path.join(ROOT, "target", f"pg{PG}", "bench-cluster")
 EXTRA_CONF = "changerelay.max_clients = 4096\nmax_connections = 200"
 WORKLOADS = [("decoding", wl_decode), ("latency", wl_latency), ("overhead", wl_overhead),
              ("fanout", wl_fanout), ("memory", wl_memory)]
@@ -40,8 +42,9 @@ def sh(*cmd, **kw):
 
 def library_info():
     """Which build of the library is installed: release builds carry no .debug_info section."""
-    libdir = sh(PG_CONFIG, "--pkglibdir")
-    path = os.path.join(libdir, "pg_changerelay.so")
+    libdir = sh(PGTOOL, "pg_config", "--pkglibdir")
+    root = "" if PG == "15" else sh(os.path.join(ROOT, "scripts", "root.sh"), "path", PG)
+    path = root + os.path.join(libdir, "pg_changerelay.so")
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     sections = subprocess.run(["readelf", "-S", path], capture_output=True, text=True).stdout
@@ -73,7 +76,8 @@ def server_log_problems():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs, fewer points (under 3 minutes)")
-    ap.add_argument("--port", type=int, default=5487, help="the cluster's port; the endpoint listens on port+1000")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("PGCR_PORT", "5498")) - 11,
+                    help="the cluster's port (default PGCR_PORT-11); the endpoint listens on port+1000")
     ap.add_argument("--out", default=os.path.join(BENCH, "out"), help="directory for results.{json,md,png}")
     ap.add_argument("--no-install", action="store_true",
                     help="use the installed build (default: cargo pgrx install --release first)")
@@ -81,8 +85,8 @@ def main():
     a = ap.parse_args()
     started = time.monotonic()
     if not a.no_install:
-        subprocess.run(["cargo", "pgrx", "install", "--release", "--pg-config", PG_CONFIG], check=True, cwd=ROOT)
-    results = {"mode": "quick" if a.quick else "full", "machine": machine_info(), "library": library_info(),
+        subprocess.run(["make", "--no-print-directory", "install", f"PG={PG}"], check=True, cwd=ROOT)
+    results = {"mode": "quick" if a.quick else "full", "pg": PG, "machine": machine_info(), "library": library_info(),
                "cluster": {"port": a.port, "endpoint_port": a.port + 1000, "extra_conf": EXTRA_CONF.split("\n"),
                            "data_dir": os.path.relpath(DATA_DIR, ROOT)},
                "workloads": {}, "errors": {}}

@@ -6,9 +6,24 @@ import uuid
 import psycopg
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The major under test (make test-integration PG=...) and its cluster.
+PG = os.environ.get("PG", "15")
 PORT = int(os.environ.get("PGCR_PORT", "5498"))
 DATA = os.environ.get("PGCR_DATA", "")
 DSN = f"host=127.0.0.1 port={PORT} user=postgres dbname=postgres"
+# Where this major's build and extra clusters live (a per-major cargo target directory).
+WORK = os.environ.get("PGCR_WORK") or os.path.join(ROOT, "target", f"pg{PG}")
+# Runs the client programs (pg_recvlogical, ...) of the major under test: `[PGTOOL, "pg_recvlogical", ...]`.
+PGTOOL = os.path.join(ROOT, "scripts", "pgtool.sh")
+
+# The extra clusters some tests start listen at fixed offsets from PORT (and their endpoints, as every
+# cluster's, at their port + 1000), so that one base (PGCR_PORT) moves them all.
+PORT_OFFSETS = {"small": -2, "nopreload": -3, "faults": -4, "foreign": -5, "endpoint": -9}
+
+
+def extra_port(name):
+    return PORT + PORT_OFFSETS[name]
 
 
 def connect(**kw):

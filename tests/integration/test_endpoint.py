@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import PORT, connect
+from conftest import PORT, connect, extra_port
 from test_history import forge
 from test_relay import ExtraCluster, wait_until
 
@@ -967,7 +967,7 @@ def test_metrics_has_documented_names_with_numeric_values(db, tracked):
 # An extra cluster: auth = trust, a 256 kB client_buffer, max_clients = 4
 # ---------------------------------------------------------------------------------------------------------------
 
-EXTRA_PORT = 5489
+EXTRA_PORT = extra_port("endpoint")
 EXTRA_EP = EXTRA_PORT + 1000
 
 

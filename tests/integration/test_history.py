@@ -10,7 +10,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import connect
+from conftest import connect, extra_port
 from test_relay import CLUSTER, ExtraCluster, wait_until
 
 
@@ -238,7 +238,7 @@ def test_exactly_once_in_commit_order_through_faults():
     """Numbered rows from concurrent writers, some aborted; the worker killed, the server
     crash-restarted and the client disconnected meanwhile. The client sees exactly the
     committed numbers, once each, in commit order. Runs on a cluster of its own."""
-    cluster = ExtraCluster("test-cluster-faults", 5494, os.environ.get("PGCR_FAULT_CONF", ""))
+    cluster = ExtraCluster("test-cluster-faults", extra_port("faults"), os.environ.get("PGCR_FAULT_CONF", ""))
     try:
         run_exactly_once(cluster)
     finally:

@@ -9,7 +9,7 @@ import threading
 import psycopg
 import pytest
 
-from conftest import DSN, PORT, Slot, connect, rows
+from conftest import DSN, PGTOOL, PORT, Slot, connect, rows
 
 
 def fresh_table(db, name, ddl):
@@ -357,7 +357,7 @@ def test_decode_rejects_garbage(db):
 def test_pg_recvlogical_receives_the_stream(db):
     name = "t_recvlogical"
     db.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (name,))
-    base = ["pg_recvlogical", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres", "-d", "postgres", "-S", name]
+    base = [PGTOOL, "pg_recvlogical", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres", "-d", "postgres", "-S", name]
     subprocess.run(base + ["--create-slot", "--plugin=pg_changerelay"], check=True, timeout=30)
     try:
         fresh_table(db, "t_recv", "id int PRIMARY KEY, v text")

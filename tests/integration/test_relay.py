@@ -7,9 +7,8 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import DATA, Slot, connect
+from conftest import DATA, PG, ROOT, WORK, Slot, connect, extra_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLUSTER = os.path.join(ROOT, "scripts", "cluster.sh")
 
 
@@ -279,26 +278,29 @@ def test_disabled_worker_says_so(db, tracked):
 
 
 class ExtraCluster:
-    def __init__(self, name, port, extra_conf):
-        self.dir = os.path.join(ROOT, "target", name)
+    """A cluster of its own in this major's work directory (or of major `pg`), on `port`."""
+
+    def __init__(self, name, port, extra_conf, pg=None):
+        self.dir = os.path.join(WORK, name)
         self.port = port
-        subprocess.run([CLUSTER, "stop", self.dir], check=False)
+        self.env = {**os.environ, "PG": str(pg or PG)}
+        subprocess.run([CLUSTER, "stop", self.dir], check=False, env=self.env)
         subprocess.run(["rm", "-rf", self.dir], check=True)
         subprocess.run([CLUSTER, "start", self.dir, str(port)], check=True, timeout=120,
-                       env={**os.environ, "EXTRA_CONF": extra_conf})
+                       env={**self.env, "EXTRA_CONF": extra_conf})
 
     def connect(self):
         return psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True)
 
     def stop(self):
-        subprocess.run([CLUSTER, "stop", self.dir], check=False, timeout=120)
+        subprocess.run([CLUSTER, "stop", self.dir], check=False, timeout=120, env=self.env)
         # Keep the server log for post-mortems, drop the data.
         subprocess.run(["cp", os.path.join(self.dir, "server.log"), self.dir + ".log"], check=False)
         subprocess.run(["rm", "-rf", self.dir], check=False)
 
 
 def test_small_map_never_reports_an_older_version():
-    cluster = ExtraCluster("test-cluster-small", 5496, "changerelay.max_tracked_rows = 100")
+    cluster = ExtraCluster("test-cluster-small", extra_port("small"), "changerelay.max_tracked_rows = 100")
     try:
         with cluster.connect() as c:
             c.execute("CREATE EXTENSION pg_changerelay")
@@ -330,7 +332,7 @@ def test_small_map_never_reports_an_older_version():
 
 
 def test_without_preloading_functions_say_how_to_fix_it():
-    cluster = ExtraCluster("test-cluster-nopreload", 5495, "shared_preload_libraries = ''")
+    cluster = ExtraCluster("test-cluster-nopreload", extra_port("nopreload"), "shared_preload_libraries = ''")
     try:
         with cluster.connect() as c:
             c.execute("CREATE EXTENSION pg_changerelay")

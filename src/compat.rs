@@ -1,10 +1,12 @@
 //! Server APIs whose shape differs between major versions, for everything
 //! but the output plugin (whose decoding structures are in
 //! `plugin/compat.rs`): the library's setup, shared memory and the relay
-//! worker. Version `cfg`s outside these two modules are a bug.
+//! worker (its slot, its signal handlers). Version `cfg`s outside these
+//! two modules are a bug.
 
 use pgrx::pg_sys;
 use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Reserves a setting prefix: unknown `prefix.*` settings warn and are removed.
 ///
@@ -84,4 +86,88 @@ pub unsafe fn replication_slot_acquire(name: &CStr) {
     unsafe {
         pg_sys::ReplicationSlotAcquire(name.as_ptr(), true, true);
     }
+}
+
+// --- the relay worker's signal handlers ------------------------------------
+
+static GOT_SIGHUP: AtomicBool = AtomicBool::new(false);
+static GOT_SIGTERM: AtomicBool = AtomicBool::new(false);
+
+type SignalHandler = unsafe extern "C-unwind" fn(std::ffi::c_int);
+/// `pqsignal(signo, func)`; its return value (the old handler up to 17,
+/// nothing from 18) is not used.
+type PqSignal = unsafe extern "C-unwind" fn(std::ffi::c_int, Option<SignalHandler>);
+
+unsafe extern "C" {
+    fn dlsym(handle: *mut std::ffi::c_void, symbol: *const std::ffi::c_char) -> *mut std::ffi::c_void;
+}
+
+/// The server's own backend `pqsignal`, found by name in the running
+/// server: PostgreSQL 18 renamed it `pqsignal_be` (a macro keeps the old
+/// name in C). It was the one symbol a build for one major needed that the
+/// servers of the others lack, so with a link-time reference `LOAD` of a
+/// wrong build failed in dlopen ("undefined symbol: pqsignal_be") before
+/// PostgreSQL could read the library's magic block and say which major it
+/// was built for ("incompatible library ...: version mismatch").
+fn pqsignal() -> PqSignal {
+    #[cfg(not(feature = "pg18"))]
+    const NAME: &CStr = c"pqsignal";
+    #[cfg(feature = "pg18")]
+    const NAME: &CStr = c"pqsignal_be";
+    // SAFETY: dlsym with RTLD_DEFAULT (a null handle in glibc) searches the
+    // executable and every loaded library; the symbol, when found, is the
+    // function with PqSignal's signature.
+    unsafe {
+        let f = dlsym(std::ptr::null_mut(), NAME.as_ptr());
+        if f.is_null() {
+            pgrx::error!("pg_changerelay: the server has no {}()", NAME.to_string_lossy());
+        }
+        std::mem::transmute::<*mut std::ffi::c_void, PqSignal>(f)
+    }
+}
+
+unsafe extern "C-unwind" fn on_sighup(_signo: std::ffi::c_int) {
+    GOT_SIGHUP.store(true, Ordering::SeqCst);
+    // SAFETY: what a signal handler of a background worker does: flag, then
+    // set its own latch (both async-signal-safe).
+    unsafe {
+        (&raw mut pg_sys::ConfigReloadPending).write_volatile(1);
+        pg_sys::SetLatch(pg_sys::MyLatch);
+    }
+}
+
+unsafe extern "C-unwind" fn on_sigterm(_signo: std::ffi::c_int) {
+    GOT_SIGTERM.store(true, Ordering::SeqCst);
+    // SAFETY: as for on_sighup.
+    unsafe {
+        (&raw mut pg_sys::ShutdownRequestPending).write_volatile(1);
+        pg_sys::SetLatch(pg_sys::MyLatch);
+    }
+}
+
+/// Installs the worker's SIGHUP and SIGTERM handlers and unblocks signals,
+/// as pgrx's `BackgroundWorker::attach_signal_handlers` does (whose
+/// link-time reference to pqsignal this avoids, see [`pqsignal`]).
+///
+/// # Safety
+/// First thing in a background worker's main function, on its main thread.
+pub unsafe fn attach_worker_signal_handlers() {
+    let pqsignal = pqsignal();
+    // SAFETY: caller's contract; the handlers only touch atomics and the
+    // process latch.
+    unsafe {
+        pqsignal(pg_sys::SIGHUP as std::ffi::c_int, Some(on_sighup));
+        pqsignal(pg_sys::SIGTERM as std::ffi::c_int, Some(on_sigterm));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+}
+
+/// Whether SIGHUP arrived since the last call.
+pub fn sighup_received() -> bool {
+    GOT_SIGHUP.swap(false, Ordering::SeqCst)
+}
+
+/// Whether SIGTERM arrived since the last call.
+pub fn sigterm_received() -> bool {
+    GOT_SIGTERM.swap(false, Ordering::SeqCst)
 }

@@ -25,7 +25,7 @@ mod endpoint;
 mod persist;
 
 use decoder::Decoder;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -66,7 +66,8 @@ unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SAFETY: first thing in the worker's main function.
+    unsafe { crate::compat::attach_worker_signal_handlers() };
     let Some(shared) = shmem::shared() else {
         error!("pg_changerelay relay: shared memory is not initialised");
     };
@@ -100,7 +101,7 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
     };
     let mut sleep = Duration::ZERO;
     while wait(sleep, relay.link.as_ref().map(endpoint::Link::wake_fd)) {
-        if BackgroundWorker::sighup_received() {
+        if crate::compat::sighup_received() {
             // SAFETY: reloading the configuration file between steps.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
@@ -142,7 +143,7 @@ fn wait(timeout: Duration, wake_fd: Option<std::os::fd::RawFd>) -> bool {
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
     pg_sys::check_for_interrupts!();
-    !BackgroundWorker::sigterm_received()
+    !crate::compat::sigterm_received()
 }
 
 struct Relay {

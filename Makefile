@@ -70,7 +70,7 @@ install: setup
 ## Build, install, start a local cluster (127.0.0.1:$(RUN_PORT)) and show the plugin working.
 run: install
 	@PG=$(PG) scripts/cluster.sh start $(RUN_DIR) $(RUN_PORT)
-	@scripts/demo.sh $(RUN_PORT)
+	@PG=$(PG) scripts/demo.sh $(RUN_PORT)
 
 ## Stop the cluster `make run` started.
 stop:

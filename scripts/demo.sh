@@ -57,4 +57,5 @@ since=$(psql -At -c "SELECT changerelay.current_cursor()")
 curl -s -H "Authorization: Bearer $token" "http://127.0.0.1:$ws_port/changes?labels=parameters&since=$since&wait=5s"; echo
 wait
 echo
-echo "Cluster running on 127.0.0.1:$port (psql -h 127.0.0.1 -p $port -U postgres). Stop it with: make stop"
+pg=${PG:-15}
+echo "PostgreSQL $pg cluster running on 127.0.0.1:$port (psql -h 127.0.0.1 -p $port -U postgres). Stop it with: make stop$([ "$pg" = 15 ] || echo " PG=$pg")"

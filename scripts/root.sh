@@ -129,6 +129,13 @@ ensure() {
     return 0
   fi
   [ "$(id -u)" -eq 0 ] || die "building a root needs root"
+  # One builder at a time per root (two sessions may set up at once).
+  mkdir -p "$ROOTS"
+  exec 9>"$ROOTS/$suite.lock"
+  flock 9
+  if [ -f "$root/.pg_changerelay-ready" ] && [ "$(cat "$root/.pg_changerelay-ready")" = "$pkgs" ]; then
+    return 0
+  fi
   local t0=$SECONDS
   if ! command -v debootstrap >/dev/null; then
     log "installing debootstrap"

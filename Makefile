@@ -16,7 +16,7 @@ setup:
 
 ## Build (release) and install into the system PostgreSQL.
 install: setup
-	cargo pgrx install --release --pg-config $(PG_CONFIG)
+	scripts/install.sh --release $(PG_CONFIG)
 
 ## Build, install, start a local cluster (127.0.0.1:$(RUN_PORT)) and show the plugin working.
 run: install
@@ -35,10 +35,13 @@ test-unit:
 
 test-pg:
 	@mkdir -p $(PGRX_DATA) && chown postgres:postgres $(PGRX_DATA)
+	@# cargo pgrx test copies its build over the installed library in place;
+	@# unlinking it first makes that a new file, so a running server keeps its own.
+	rm -f $$($(PG_CONFIG) --pkglibdir)/pg_changerelay.so
 	cargo pgrx test pg$(PG_MAJOR) --runas postgres --pgdata $(PGRX_DATA)
 
 test-integration:
-	cargo pgrx install --pg-config $(PG_CONFIG)
+	scripts/install.sh --debug $(PG_CONFIG)
 	@scripts/cluster.sh stop $(TEST_DIR); rm -rf $(TEST_DIR)
 	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
 	@PGCR_PORT=$(TEST_PORT) PGCR_DATA=$(TEST_DIR) .venv/bin/pytest tests/integration $(PYTEST_ARGS); \

@@ -11,6 +11,7 @@
 //! | `changerelay.batch_changes` | 10000 | sighup |
 //! | `changerelay.history_retention` | 24h | sighup |
 //! | `changerelay.max_value_size` | 16MB | sighup |
+//! | `changerelay.decoding_work_mem` | 32MB | sighup |
 //! | `changerelay.listen_addresses` | localhost | postmaster |
 //! | `changerelay.port` | 8432 (0: no endpoint) | postmaster |
 //! | `changerelay.max_clients` | 1024 | postmaster |
@@ -29,6 +30,7 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10000);
 pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86400);
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+pub static DECODING_WORK_MEM_KB: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
 /// Debug builds only: see [`debug_fail_label`].
 #[cfg(debug_assertions)]
 static DEBUG_FAIL_LABEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -95,6 +97,16 @@ pub fn define(preloading: bool) {
         &MAX_VALUE_SIZE_KB,
         1,
         1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.decoding_work_mem",
+        c"Memory the relay worker's decoding keeps changes in before spilling them to disk.",
+        c"The worker's logical_decoding_work_mem. Its own memory stays below this plus about 64 MB, whatever the size of a transaction.",
+        &DECODING_WORK_MEM_KB,
+        64,
+        i32::MAX / 1024,
         GucContext::Sighup,
         GucFlags::UNIT_KB,
     );
@@ -248,6 +260,11 @@ pub fn debug_fail_label() -> Option<String> {
     {
         None
     }
+}
+
+/// `changerelay.decoding_work_mem`, as a setting value in kB.
+pub fn decoding_work_mem_kb() -> i32 {
+    DECODING_WORK_MEM_KB.get().max(64)
 }
 
 /// `changerelay.max_value_size` in bytes.

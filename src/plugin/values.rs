@@ -107,7 +107,8 @@ pub unsafe fn decode_row<'a>(
             .then(|| {
                 // SAFETY: a non-null varlena datum; only its header is read (an
                 // external value is not fetched to learn its size).
-                unsafe { pg_sys::toast_raw_datum_size(datum) as u64 }
+                // The size counts the 4-byte length word: the value's bytes are what is left.
+                unsafe { (pg_sys::toast_raw_datum_size(datum) as u64).saturating_sub(pg_sys::VARHDRSZ as u64) }
             })
             .filter(|size| *size > conv.max_value_size)
         {

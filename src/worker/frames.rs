@@ -17,7 +17,7 @@ use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 /// Bytes of frames kept in memory before spilling.
-pub const MEMORY_BYTES: usize = 32 << 20;
+pub const MEMORY_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Location {

@@ -106,6 +106,7 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: reloading the configuration file between steps.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            settings::apply_reloadable();
         }
         sleep = relay.step();
         let installed = relay.installed;

@@ -33,7 +33,7 @@ const CHUNK_ROWS: usize = 10_000;
 const CHUNK_BYTES: usize = 8 << 20;
 /// Per-row versions kept for one batch; beyond, a label's rows fold into
 /// its floor (see `VersionUpdates`).
-const ROW_LIMIT: usize = 100_000;
+const ROW_LIMIT: usize = 50_000;
 /// History rows a batch hands to the endpoint; a larger batch is published
 /// without its rows, which clients then read from history.
 pub const PUBLISH_ROWS: usize = 10_000;

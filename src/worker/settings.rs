@@ -35,6 +35,15 @@ const PINNED: &[(&str, &str)] = &[
     ("xmloption", "content"),
 ];
 
+/// Settings derived from the worker's own reloadable settings; again after
+/// each SIGHUP.
+pub fn apply_reloadable() {
+    set(
+        "logical_decoding_work_mem",
+        &format!("{}kB", crate::gucs::decoding_work_mem_kb()),
+    );
+}
+
 fn set(name: &str, value: &str) {
     let (Ok(n), Ok(v)) = (CString::new(name), CString::new(value)) else {
         return;
@@ -87,6 +96,7 @@ pub fn pin() {
     for (name, value) in PINNED {
         set(name, value);
     }
+    apply_reloadable();
     // SAFETY: reading a setting's current value (a static C string).
     let sync = unsafe { pg_sys::GetConfigOption(c"synchronous_commit".as_ptr(), true, false) };
     // SAFETY: a non-null result is a NUL-terminated string.

@@ -39,6 +39,8 @@ PG_CONFIG   := /usr/lib/postgresql/$(PG)/bin/pg_config
 WORK        := $(CURDIR)/target/pg$(PG)
 IN_ROOT     := $(if $(filter 15,$(PG)),,scripts/root.sh run $(PG))
 CARGO       := $(IN_ROOT) env CARGO_TARGET_DIR=$(WORK) cargo
+# Installs by rename, never rewriting a library a running server has mapped.
+INSTALL     := $(IN_ROOT) env CARGO_TARGET_DIR=$(WORK) scripts/install.sh
 HOST_CARGO  := env CARGO_TARGET_DIR=$(CURDIR)/target/pg15 cargo
 FEATURES    := --no-default-features --features pg$(PG)
 RUN_DIR     := $(WORK)/run-cluster
@@ -65,7 +67,7 @@ setup-all:
 
 ## Build (release) and install into PostgreSQL $(PG) (the host's for 15, the root's for 17/18).
 install: setup
-	$(CARGO) pgrx install --release --pg-config $(PG_CONFIG) $(FEATURES)
+	$(INSTALL) --release $(PG_CONFIG) $(FEATURES)
 
 ## Build, install, start a local cluster (127.0.0.1:$(RUN_PORT)) and show the plugin working.
 run: install
@@ -103,10 +105,13 @@ test-unit:
 
 test-pg:
 	@$(IN_ROOT) sh -c 'rm -rf "$$0" && install -d -o postgres -g postgres "$$0"' $(PGRX_DATA)
+	@# cargo pgrx test copies its build over the installed library in place;
+	@# unlinking it first makes that a new file, so a running server keeps its own.
+	$(IN_ROOT) sh -c 'rm -f "$$("$$0" --pkglibdir)/pg_changerelay.so"' $(PG_CONFIG)
 	$(CARGO) pgrx test pg$(PG) --runas postgres --pgdata $(PGRX_DATA)
 
 test-integration:
-	$(CARGO) pgrx install --pg-config $(PG_CONFIG) $(FEATURES)
+	$(INSTALL) --debug $(PG_CONFIG) $(FEATURES)
 	@PG=$(PG) scripts/cluster.sh stop $(TEST_DIR); rm -rf $(TEST_DIR)
 	@PG=$(PG) scripts/cluster.sh start $(TEST_DIR) $(PGCR_PORT)
 	@PG=$(PG) PGCR_PORT=$(PGCR_PORT) PGCR_DATA=$(TEST_DIR) PGCR_WORK=$(WORK) \

@@ -8,7 +8,8 @@
 #   scripts/cluster.sh restart-immediate DIR   crash-like stop, then start
 #
 # EXTRA_CONF (newline-separated settings) is appended to postgresql.conf
-# when the cluster is created.
+# when the cluster is created; INITDB_ENCODING (default UTF8) is the
+# encoding initdb gives it.
 #
 # PG=15|17|18 (default 15) selects the major. 15 is the host's own package;
 # 17 and 18 run inside their Debian roots (scripts/root.sh; build them with
@@ -90,7 +91,7 @@ case "$cmd" in
     chown "$OS_USER:$OS_USER" "$dir" 2>/dev/null || true
     chmod 700 "$dir"
     if [ ! -f "$dir/PG_VERSION" ]; then
-      as_pg "$PGBIN/initdb" -D "$dir" -U postgres -A trust -E UTF8 --locale=C --no-sync >/dev/null
+      as_pg "$PGBIN/initdb" -D "$dir" -U postgres -A trust -E "${INITDB_ENCODING:-UTF8}" --locale=C --no-sync >/dev/null
       configure "$port"
     fi
     if as_pg "$PGBIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then

@@ -16,3 +16,17 @@ pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, detail: Option<St
     report.report(PgLogLevel::ERROR);
     unreachable!("an ERROR report does not return")
 }
+
+/// One line for the log: SQLSTATE, message and detail of a caught error.
+pub fn describe(e: &pgrx::pg_sys::panic::CaughtError) -> String {
+    use pgrx::pg_sys::panic::CaughtError;
+    let report = match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => r,
+    };
+    let mut text = format!("{} (SQLSTATE {:?})", report.message(), report.sql_error_code());
+    if let Some(detail) = report.detail() {
+        text.push_str(": ");
+        text.push_str(detail);
+    }
+    text
+}

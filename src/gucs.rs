@@ -10,6 +10,8 @@
 //! | `changerelay.poll_interval` | 1000 ms | sighup |
 //! | `changerelay.batch_changes` | 10000 | sighup |
 //! | `changerelay.history_retention` | 24h | sighup |
+//! | `changerelay.max_value_size` | 16MB | sighup |
+//! | `changerelay.decoding_work_mem` | 32MB | sighup |
 //! | `changerelay.listen_addresses` | localhost | postmaster |
 //! | `changerelay.port` | 8432 (0: no endpoint) | postmaster |
 //! | `changerelay.max_clients` | 1024 | postmaster |
@@ -27,6 +29,11 @@ pub static MAX_LABELS: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10000);
 pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86400);
+pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+pub static DECODING_WORK_MEM_KB: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
+/// Debug builds only: see [`debug_fail_label`].
+#[cfg(debug_assertions)]
+static DEBUG_FAIL_LABEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"localhost"));
 pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(8432);
 pub static MAX_CLIENTS: GucSetting<i32> = GucSetting::<i32>::new(1024);
@@ -82,6 +89,35 @@ pub fn define(preloading: bool) {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.max_value_size",
+        c"Largest column value the output plugin decodes; larger ones are left out.",
+        c"A left-out value appears as {\"$changerelay\":\"omitted\",\"bytes\":N}; the change itself is kept. The plugin option max_value_size overrides it per slot.",
+        &MAX_VALUE_SIZE_KB,
+        1,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.decoding_work_mem",
+        c"Memory the relay worker's decoding keeps changes in before spilling them to disk.",
+        c"The worker's logical_decoding_work_mem. Its own memory stays below this plus about 64 MB, whatever the size of a transaction.",
+        &DECODING_WORK_MEM_KB,
+        64,
+        i32::MAX / 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    #[cfg(debug_assertions)]
+    GucRegistry::define_string_guc(
+        c"changerelay.debug_fail_label",
+        c"Debug builds only: the relay worker fails to write history of this label.",
+        c"Exercises the retry and dead-letter path in tests. Not defined in release builds.",
+        &DEBUG_FAIL_LABEL,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     if !preloading {
         return;
@@ -208,6 +244,32 @@ pub fn batch_changes() -> i32 {
 
 pub fn history_retention() -> std::time::Duration {
     std::time::Duration::from_secs(HISTORY_RETENTION_S.get().max(1) as u64)
+}
+
+/// The label whose history the worker must fail to write (debug builds
+/// only; always `None` in release builds).
+pub fn debug_fail_label() -> Option<String> {
+    #[cfg(debug_assertions)]
+    {
+        DEBUG_FAIL_LABEL
+            .get()
+            .map(|c| c.to_string_lossy().into_owned())
+            .filter(|s| !s.is_empty())
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        None
+    }
+}
+
+/// `changerelay.decoding_work_mem`, as a setting value in kB.
+pub fn decoding_work_mem_kb() -> i32 {
+    DECODING_WORK_MEM_KB.get().max(64)
+}
+
+/// `changerelay.max_value_size` in bytes.
+pub fn max_value_size() -> u64 {
+    MAX_VALUE_SIZE_KB.get().max(1) as u64 * 1024
 }
 
 pub fn listen_addresses() -> String {

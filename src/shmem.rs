@@ -81,6 +81,10 @@ pub struct WorkerStatus {
     pub tokens_generation: AtomicU64,
     /// The endpoint: 0 off, 1 listening, 2 failed to start.
     pub endpoint: AtomicU32,
+    /// Transactions recorded in changerelay.dead_letters since start.
+    pub dead_letters: AtomicU64,
+    /// Failed attempts to apply a transaction since start.
+    pub apply_retries: AtomicU64,
 }
 
 #[repr(C)]

@@ -3,76 +3,53 @@
 //! the history rows it records.
 
 use crate::event::{Event, TxnHeader};
-use crate::json::write_row;
+use crate::history::HistoryRow;
 use crate::time::unix_us_to_ms;
 use crate::versions::Version;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The table holding tracking state; its changes move versions but are not
 /// history.
 pub const CONFIG_TABLE: (&str, &str) = ("changerelay", "tracked_tables");
 
-/// One change as kept in `changerelay.history`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryRow {
-    pub event_id: u64,
-    /// Position among the transaction's history rows (from 0); with the
-    /// event id it orders history and forms cursors.
-    pub pos: u32,
-    /// The change's `seq` in the decoded stream.
-    pub seq: u32,
-    pub ts: i64,
-    pub xid: u32,
-    pub relid: u32,
-    pub label: String,
-    pub table_name: String,
-    pub op: &'static str,
-    pub identifier: Option<String>,
-    pub key: Option<String>,
-    pub new: Option<String>,
-    pub old: Option<String>,
-    pub metadata: Option<String>,
-}
-
 /// Version updates and history of a batch of complete transactions.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+///
+/// History rows are queued in commit order as changes arrive (the applier
+/// takes them in chunks with [`VersionUpdates::take_history`], so a huge
+/// transaction never sits in memory whole). Per-row versions are kept up to
+/// `row_limit` entries; past it, a label's rows are folded into its floor
+/// (every row of the label moves), which is always correct and bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionUpdates {
     /// Label → its new `all` version.
     pub labels: BTreeMap<String, Version>,
     /// (label, identifier) → the row's new version.
     pub rows: BTreeMap<(String, String), Version>,
-    /// Label → every row of it moves to at least this version (truncate, or
-    /// a change whose row identifier is unknown).
+    /// Label → every row of it moves to at least this version (truncate, a
+    /// change whose row identifier is unknown, or too many rows in a batch).
     pub floors: BTreeMap<String, Version>,
-    /// History rows of the committed transactions, in commit order.
+    /// History rows not yet taken, in commit order.
     pub history: Vec<HistoryRow>,
-    /// Rows of the transaction being read (metadata arrives with its commit).
-    pending: Vec<HistoryRow>,
+    /// Bytes of frames in `history`.
+    pub history_bytes: usize,
+    /// (event id, merged metadata JSON object) of committed transactions
+    /// that carried metadata.
+    pub metadata: Vec<(u64, String)>,
+    /// The transaction being read: its header and next history position.
+    open: Option<(TxnHeader, u32)>,
+    /// Most entries `rows` may hold.
+    row_limit: usize,
+    /// Labels whose rows were folded into their floor in this batch.
+    folded: BTreeSet<String>,
     /// The last committed transaction of the batch.
     pub last_commit: Option<TxnHeader>,
     pub transactions: u64,
     pub changes: u64,
 }
 
-impl HistoryRow {
-    /// A row of a change in transaction `txn`; `pos` is set when it is queued.
-    fn new(txn: &TxnHeader, seq: u32, relid: u32, label: &str, table_name: String, op: &'static str) -> HistoryRow {
-        HistoryRow {
-            event_id: txn.event_id,
-            pos: 0,
-            seq,
-            ts: unix_us_to_ms(txn.commit_us),
-            xid: txn.xid,
-            relid,
-            label: label.to_string(),
-            table_name,
-            op,
-            identifier: None,
-            key: None,
-            new: None,
-            old: None,
-            metadata: None,
-        }
+impl Default for VersionUpdates {
+    fn default() -> Self {
+        VersionUpdates::with_row_limit(usize::MAX)
     }
 }
 
@@ -88,25 +65,35 @@ fn raise<K: Ord>(map: &mut BTreeMap<K, Version>, key: K, v: Version) {
     *slot = slot.max(v);
 }
 
-fn row_json(row: &Option<crate::event::Row<'_>>) -> Option<String> {
-    row.as_ref().map(|r| {
-        let mut out = Vec::with_capacity(64);
-        write_row(r, &mut out);
-        String::from_utf8_lossy(&out).into_owned()
-    })
-}
-
 impl VersionUpdates {
-    pub fn add(&mut self, event: &Event<'_>) {
+    pub fn with_row_limit(row_limit: usize) -> VersionUpdates {
+        VersionUpdates {
+            labels: BTreeMap::new(),
+            rows: BTreeMap::new(),
+            floors: BTreeMap::new(),
+            history: Vec::new(),
+            history_bytes: 0,
+            metadata: Vec::new(),
+            open: None,
+            row_limit,
+            folded: BTreeSet::new(),
+            last_commit: None,
+            transactions: 0,
+            changes: 0,
+        }
+    }
+
+    /// Files one decoded event; `frame` is the binary frame it was read from.
+    pub fn add(&mut self, event: &Event<'_>, frame: &[u8]) {
         match event {
-            Event::Begin(_) => self.pending.clear(),
+            Event::Begin(h) => self.open = Some((*h, 0)),
             Event::Change(c) => {
                 self.changes += 1;
                 let Some(t) = &c.tracking else { return };
                 let v = version_of(&c.txn);
                 raise(&mut self.labels, t.label.to_string(), v);
                 for id in [&t.identifier, &t.old_identifier].into_iter().flatten() {
-                    raise(&mut self.rows, (t.label.to_string(), id.to_string()), v);
+                    self.raise_row(&t.label, id, v);
                 }
                 if t.unknown_identifier {
                     raise(&mut self.floors, t.label.to_string(), v);
@@ -114,13 +101,7 @@ impl VersionUpdates {
                 if (c.schema.as_ref(), c.table.as_ref()) == CONFIG_TABLE {
                     return;
                 }
-                let table = format!("{}.{}", c.schema, c.table);
-                let mut row = HistoryRow::new(&c.txn, c.seq, t.relid, &t.label, table, c.op.as_str());
-                row.identifier = t.identifier.as_ref().map(|s| s.to_string());
-                row.key = row_json(&c.key);
-                row.new = row_json(&c.new);
-                row.old = row_json(&c.old);
-                self.queue(row);
+                self.queue(&c.txn, t.relid, &t.label, frame);
             }
             Event::Truncate(t) => {
                 self.changes += 1;
@@ -130,34 +111,87 @@ impl VersionUpdates {
                     raise(&mut self.floors, label.to_string(), v);
                 }
                 for table in &t.tracked {
-                    let row = HistoryRow::new(
-                        &t.txn,
-                        t.seq,
-                        table.relid,
-                        &table.label,
-                        table.table.to_string(),
-                        "truncate",
-                    );
-                    self.queue(row);
+                    self.queue(&t.txn, table.relid, &table.label, frame);
                 }
             }
             Event::Commit(c) => {
                 self.transactions += 1;
                 self.last_commit = Some(c.txn);
-                let metadata = c.metadata.as_ref().map(|m| m.to_string());
-                for mut row in self.pending.drain(..) {
-                    row.metadata = metadata.clone();
-                    self.history.push(row);
+                self.open = None;
+                if let Some(m) = &c.metadata {
+                    self.metadata.push((c.txn.event_id, m.to_string()));
                 }
             }
             Event::Message(_) | Event::Metadata(_) => {}
         }
     }
 
-    /// Queues a row of the transaction being read, at the next position.
-    fn queue(&mut self, mut row: HistoryRow) {
-        row.pos = self.pending.len() as u32;
-        self.pending.push(row);
+    fn raise_row(&mut self, label: &str, id: &str, v: Version) {
+        if self.folded.contains(label) {
+            raise(&mut self.floors, label.to_string(), v);
+            return;
+        }
+        raise(&mut self.rows, (label.to_string(), id.to_string()), v);
+        if self.rows.len() > self.row_limit {
+            self.fold_largest_label();
+        }
+    }
+
+    /// Replaces the per-row entries of the label with the most of them by
+    /// one floor at their newest version.
+    fn fold_largest_label(&mut self) {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for (label, _) in self.rows.keys() {
+            *counts.entry(label.as_str()).or_default() += 1;
+        }
+        let Some(label) = counts.into_iter().max_by_key(|(_, n)| *n).map(|(l, _)| l.to_string()) else {
+            return;
+        };
+        let mut newest = Version::default();
+        self.rows.retain(|(l, _), v| {
+            if *l == label {
+                newest = newest.max(*v);
+                false
+            } else {
+                true
+            }
+        });
+        raise(&mut self.floors, label.clone(), newest);
+        self.folded.insert(label);
+    }
+
+    /// Queues a history row of the transaction being read, at its next position.
+    fn queue(&mut self, txn: &TxnHeader, relid: u32, label: &str, frame: &[u8]) {
+        let pos = match &mut self.open {
+            Some((h, next)) if h.event_id == txn.event_id => {
+                *next += 1;
+                *next - 1
+            }
+            _ => {
+                self.open = Some((*txn, 1));
+                0
+            }
+        };
+        self.history_bytes += frame.len();
+        self.history.push(HistoryRow {
+            event_id: txn.event_id,
+            pos,
+            ts: unix_us_to_ms(txn.commit_us),
+            relid,
+            label: label.to_string(),
+            frame: frame.to_vec(),
+        });
+    }
+
+    /// Takes the queued history rows (and their metadata) for writing.
+    pub fn take_history(&mut self) -> (Vec<HistoryRow>, Vec<(u64, String)>) {
+        self.history_bytes = 0;
+        (std::mem::take(&mut self.history), std::mem::take(&mut self.metadata))
+    }
+
+    /// Whether the batch ended inside a transaction (its commit not read).
+    pub fn inside_transaction(&self) -> bool {
+        self.open.is_some()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -240,59 +274,77 @@ mod tests {
         })
     }
 
+    /// Files an event with a stand-in frame (the event's own encoding).
+    fn add(u: &mut VersionUpdates, e: &Event<'_>) {
+        let mut frame = Vec::new();
+        crate::binary::write_event(e, &mut frame).unwrap_or_else(|e| panic!("{e}"));
+        u.add(e, &frame);
+    }
+
     #[test]
     fn merges_to_the_newest_version() {
         let mut u = VersionUpdates::default();
-        u.add(&Event::Begin(h(10)));
-        u.add(&change(10, "p", Some("A"), None, false));
-        u.add(&commit(10, None));
-        u.add(&Event::Begin(h(20)));
-        u.add(&change(20, "p", Some("B"), Some("A"), false));
-        u.add(&change(20, "q", None, None, true));
-        u.add(&commit(20, Some("{\"who\":\"ann\"}")));
+        add(&mut u, &Event::Begin(h(10)));
+        add(&mut u, &change(10, "p", Some("A"), None, false));
+        add(&mut u, &commit(10, None));
+        add(&mut u, &Event::Begin(h(20)));
+        add(&mut u, &change(20, "p", Some("B"), Some("A"), false));
+        add(&mut u, &change(20, "q", None, None, true));
+        add(&mut u, &commit(20, Some("{\"who\":\"ann\"}")));
         assert_eq!(u.labels["p"], Version { v: 20, ts: 20 });
         assert_eq!(u.rows[&("p".into(), "A".into())].v, 20);
         assert_eq!(u.rows[&("p".into(), "B".into())].v, 20);
         assert_eq!(u.floors["q"].v, 20);
         assert_eq!(u.last_commit.map(|c| c.event_id), Some(20));
         assert_eq!((u.transactions, u.changes), (2, 3));
-        let positions: Vec<_> = u
-            .history
-            .iter()
-            .map(|r| (r.event_id, r.pos, r.metadata.is_some()))
-            .collect();
-        assert_eq!(positions, vec![(10, 0, false), (20, 0, true), (20, 1, true)]);
-        assert_eq!(u.history[0].key.as_deref(), Some("{\"id\":1}"));
-        assert_eq!(u.history[1].op, "update");
+        assert!(!u.inside_transaction());
+        let positions: Vec<_> = u.history.iter().map(|r| (r.event_id, r.pos, r.ts)).collect();
+        assert_eq!(positions, vec![(10, 0, 10), (20, 0, 20), (20, 1, 20)]);
+        assert_eq!(u.metadata, vec![(20, "{\"who\":\"ann\"}".to_string())]);
+        let view = u.history[0].view().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(view.key.as_deref(), Some("{\"id\":1}"));
+        assert_eq!(view.op, "update");
+        let bytes: usize = u.history.iter().map(|r| r.frame.len()).sum();
+        assert_eq!(u.history_bytes, bytes);
+        let (rows, meta) = u.take_history();
+        assert_eq!((rows.len(), meta.len(), u.history_bytes), (3, 1, 0));
+        assert!(u.history.is_empty() && u.metadata.is_empty());
     }
 
     #[test]
     fn truncate_raises_floor_and_all_and_records_each_table() {
         let mut u = VersionUpdates::default();
-        u.add(&Event::Begin(h(7)));
-        u.add(&Event::Truncate(Truncate {
-            txn: h(7),
-            seq: 0,
-            tables: vec!["public.a".into(), "public.b".into()],
-            cascade: false,
-            restart_identity: false,
-            tracked: vec![
-                TruncatedTable {
-                    relid: 1,
-                    table: "public.a".into(),
-                    label: "x".into(),
-                },
-                TruncatedTable {
-                    relid: 2,
-                    table: "public.b".into(),
-                    label: "x".into(),
-                },
-            ],
-        }));
-        u.add(&commit(7, None));
+        add(&mut u, &Event::Begin(h(7)));
+        add(
+            &mut u,
+            &Event::Truncate(Truncate {
+                txn: h(7),
+                seq: 0,
+                tables: vec!["public.a".into(), "public.b".into()],
+                cascade: false,
+                restart_identity: false,
+                tracked: vec![
+                    TruncatedTable {
+                        relid: 1,
+                        table: "public.a".into(),
+                        label: "x".into(),
+                    },
+                    TruncatedTable {
+                        relid: 2,
+                        table: "public.b".into(),
+                        label: "x".into(),
+                    },
+                ],
+            }),
+        );
+        add(&mut u, &commit(7, None));
         assert_eq!(u.labels["x"].v, 7);
         assert_eq!(u.floors["x"].v, 7);
-        let rows: Vec<_> = u.history.iter().map(|r| (r.pos, r.relid, r.op)).collect();
+        let rows: Vec<_> = u
+            .history
+            .iter()
+            .map(|r| (r.pos, r.relid, r.view().map(|v| v.op).unwrap_or("?")))
+            .collect();
         assert_eq!(rows, vec![(0, 1, "truncate"), (1, 2, "truncate")]);
     }
 
@@ -303,25 +355,44 @@ mod tests {
         if let Event::Change(c) = &mut e {
             c.tracking = None;
         }
-        u.add(&e);
+        add(&mut u, &e);
         assert!(u.is_empty());
         let mut cfg = change(6, "x", None, None, false);
         if let Event::Change(c) = &mut cfg {
             c.schema = "changerelay".into();
             c.table = "tracked_tables".into();
         }
-        u.add(&cfg);
-        u.add(&commit(6, None));
+        add(&mut u, &cfg);
+        add(&mut u, &commit(6, None));
         assert_eq!(u.labels["x"].v, 6, "tracking changes move the label");
         assert!(u.history.is_empty());
     }
 
     #[test]
-    fn a_transaction_left_open_at_the_end_of_a_batch_is_not_history() {
+    fn a_transaction_left_open_at_the_end_of_a_batch_is_reported() {
         let mut u = VersionUpdates::default();
-        u.add(&Event::Begin(h(9)));
-        u.add(&change(9, "p", Some("A"), None, false));
-        assert!(u.history.is_empty());
+        add(&mut u, &Event::Begin(h(9)));
+        add(&mut u, &change(9, "p", Some("A"), None, false));
+        assert!(u.inside_transaction(), "the applier refuses to commit such a batch");
+    }
+
+    #[test]
+    fn too_many_rows_fold_into_the_label_floor() {
+        let mut u = VersionUpdates::with_row_limit(3);
+        add(&mut u, &Event::Begin(h(10)));
+        add(&mut u, &change(10, "small", Some("s"), None, false));
+        for id in ["a", "b", "c"] {
+            add(&mut u, &change(10, "big", Some(id), None, false));
+        }
+        add(&mut u, &commit(10, None));
+        add(&mut u, &Event::Begin(h(20)));
+        add(&mut u, &change(20, "big", Some("d"), None, false));
+        add(&mut u, &commit(20, None));
+        assert_eq!(u.rows.len(), 1, "only the small label keeps per-row entries");
+        assert_eq!(u.rows[&("small".into(), "s".into())].v, 10);
+        assert_eq!(u.floors["big"].v, 20, "later rows of a folded label raise its floor");
+        assert_eq!(u.labels["big"].v, 20);
+        assert_eq!(u.history.len(), 5, "history is unaffected");
     }
 
     #[test]

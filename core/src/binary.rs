@@ -26,6 +26,12 @@ pub fn write_event(event: &Event<'_>, out: &mut Vec<u8>) -> Result<(), String> {
     codec().serialize_into(&mut *out, event).map_err(|e| e.to_string())
 }
 
+/// Whether a frame is a transaction's begin record, without decoding it
+/// (bincode writes the variant index first, as a varint: `Begin` is 0).
+pub fn opens_transaction(frame: &[u8]) -> bool {
+    frame.len() >= 2 && frame[0] == FORMAT_VERSION && frame[1] == 0
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
     Empty,
@@ -93,6 +99,29 @@ fn check_arrays(event: &Event<'_>) -> Result<(), DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_begin_frame_is_recognised_without_decoding() {
+        let h = TxnHeader {
+            xid: 1,
+            event_id: 2,
+            commit_us: 3,
+        };
+        let mut begin = Vec::new();
+        write_event(&Event::Begin(h), &mut begin).unwrap_or_else(|e| panic!("{e}"));
+        assert!(opens_transaction(&begin));
+        let mut other = Vec::new();
+        write_event(&sample(), &mut other).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!opens_transaction(&other));
+        let mut commit = Vec::new();
+        let c = Event::Commit(Commit {
+            txn: h,
+            changes: 0,
+            metadata: None,
+        });
+        write_event(&c, &mut commit).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!opens_transaction(&commit) && !opens_transaction(&[]));
+    }
     use crate::event::*;
     use crate::json;
     use std::borrow::Cow;

@@ -153,6 +153,7 @@ impl<'a> Scalar<'a> {
             Scalar::Float4(f) => Some(Cow::Owned(f.to_string())),
             Scalar::Float(f) => Some(Cow::Owned(f.to_string())),
             Scalar::Numeric(t) | Scalar::Json(t) | Scalar::Text(t) => Some(t.clone()),
+            Scalar::Omitted(_) => None,
         }
     }
 }
@@ -191,7 +192,16 @@ pub enum Scalar<'a> {
     Json(Cow<'a, str>),
     /// Any other type: its text output.
     Text(Cow<'a, str>),
+    /// A value left out because it is larger than the plugin's
+    /// `max_value_size`: its size in bytes (as stored, before any output
+    /// conversion). JSON shows it as [`OMITTED_MARKER`]. Added last, so
+    /// frames written before it existed still decode.
+    Omitted(u64),
 }
+
+/// The key of the object that stands in for a value the plugin left out:
+/// `{"$changerelay":"omitted","bytes":N}`.
+pub const OMITTED_MARKER: &str = "$changerelay";
 
 impl<'a> Value<'a> {
     pub const NULL: Value<'static> = Value::Scalar(Scalar::Null);

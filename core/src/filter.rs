@@ -3,7 +3,9 @@
 //! delete, its old row or key). Values compare as text, the way `->>` shows
 //! them.
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
@@ -59,6 +61,23 @@ impl Filter {
         Ok(Filter { terms })
     }
 
+    /// Whether a row given as JSON object text matches every term. Only the
+    /// filtered columns are parsed, so a value serde cannot hold (a number
+    /// beyond f64, say) in another column does not hide the row.
+    pub fn matches_json(&self, row: Option<&str>) -> bool {
+        let Some(text) = row else { return false };
+        let Ok(map) = serde_json::from_str::<HashMap<String, &RawValue>>(text) else {
+            return false;
+        };
+        self.terms.iter().all(|(col, values)| {
+            map.get(col)
+                .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+                .as_ref()
+                .and_then(as_text)
+                .is_some_and(|v| values.iter().any(|x| *x == v))
+        })
+    }
+
     /// Whether a row (a JSON object) matches every term.
     pub fn matches(&self, row: Option<&Map<String, Value>>) -> bool {
         let Some(row) = row else { return false };
@@ -88,6 +107,13 @@ mod tests {
             "missing column never matches"
         );
         assert!(!f.matches(None));
+        let text = r#"{"tenant_id":"t1","region":"us","n":5,"huge":1e1000000}"#;
+        assert!(
+            f.matches_json(Some(text)),
+            "an unparseable other column does not hide the row"
+        );
+        assert!(!f.matches_json(Some(r#"{"tenant_id":"t2","region":"us","n":5}"#)));
+        assert!(!f.matches_json(Some("not json")) && !f.matches_json(None));
     }
 
     #[test]

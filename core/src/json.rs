@@ -251,6 +251,13 @@ pub fn write_scalar(s: &Scalar<'_>, out: &mut Vec<u8>) {
         Scalar::Float(f) => push_float(out, *f),
         Scalar::Numeric(text) | Scalar::Text(text) => write_str(text, out),
         Scalar::Json(text) => write_embedded_json(text, out),
+        Scalar::Omitted(bytes) => {
+            out.extend_from_slice(b"{\"");
+            out.extend_from_slice(OMITTED_MARKER.as_bytes());
+            out.extend_from_slice(b"\":\"omitted\",\"bytes\":");
+            push_int(out, *bytes);
+            out.push(b'}');
+        }
     }
 }
 

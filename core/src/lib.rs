@@ -11,6 +11,7 @@ pub mod binary;
 pub mod cursor;
 pub mod event;
 pub mod filter;
+pub mod history;
 pub mod json;
 pub mod lsn;
 pub mod metadata;

@@ -17,6 +17,41 @@ pub fn parse_object(content: &str) -> Option<Map<String, Value>> {
     }
 }
 
+/// Checks one metadata message before it is merged: at most
+/// [`MAX_METADATA_BYTES`], together with what the transaction already merged,
+/// UTF-8, one JSON object. Returns the object, or why it is left out.
+pub fn accept(content: &[u8], merged_bytes: usize) -> Result<Map<String, Value>, String> {
+    if content.len() > MAX_METADATA_BYTES {
+        return Err(format!(
+            "{} bytes, more than the limit of {MAX_METADATA_BYTES} bytes",
+            content.len()
+        ));
+    }
+    if merged_bytes + content.len() > MAX_METADATA_BYTES {
+        return Err(format!(
+            "the transaction's metadata would reach {} bytes, more than the limit of {MAX_METADATA_BYTES} bytes",
+            merged_bytes + content.len()
+        ));
+    }
+    let text = std::str::from_utf8(content).map_err(|_| "not valid UTF-8".to_string())?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!("metadata must be a JSON object, not {}", kind(&other))),
+        Err(e) => Err(format!("not valid JSON ({e})")),
+    }
+}
+
+/// What stands in for metadata that was left out:
+/// `{"$changerelay":{"metadata_omitted":"<why>","bytes":N}}`.
+pub fn omitted_marker(why: &str, bytes: usize) -> Map<String, Value> {
+    let mut inner = Map::new();
+    inner.insert("metadata_omitted".into(), Value::String(why.to_string()));
+    inner.insert("bytes".into(), Value::from(bytes));
+    let mut outer = Map::new();
+    outer.insert(crate::event::OMITTED_MARKER.into(), Value::Object(inner));
+    outer
+}
+
 /// Merges `more` into `into`, later keys winning.
 pub fn merge(into: &mut Map<String, Value>, more: Map<String, Value>) {
     for (k, v) in more {
@@ -54,6 +89,24 @@ fn kind(v: &Value) -> &'static str {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn accepts_only_bounded_objects() {
+        assert!(accept(br#"{"a":1}"#, 0).is_ok());
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_METADATA_BYTES));
+        assert!(accept(big.as_bytes(), 0).unwrap_err().contains("more than the limit"));
+        assert!(accept(br#"{"a":1}"#, MAX_METADATA_BYTES - 2)
+            .unwrap_err()
+            .contains("would reach"));
+        assert!(accept(b"[1]", 0).unwrap_err().contains("JSON object"));
+        assert!(accept(b"{\"a\":1e1000000}", 0).unwrap_err().contains("not valid JSON"));
+        assert!(accept(&[0xff, 0xfe], 0).unwrap_err().contains("UTF-8"));
+        let m = omitted_marker("too big", 9);
+        assert_eq!(
+            Value::Object(m).to_string(),
+            r#"{"$changerelay":{"bytes":9,"metadata_omitted":"too big"}}"#
+        );
+    }
 
     #[test]
     fn later_keys_win() {

@@ -22,6 +22,9 @@ pub struct Options {
     /// Only tables tracked in `changerelay.tracked_tables` (and that table
     /// itself), annotated with their label and row identifier.
     pub tracked: bool,
+    /// Values larger than this many bytes (as stored) are left out and shown
+    /// as an omitted marker; `None`: the server's `changerelay.max_value_size`.
+    pub max_value_size: Option<u64>,
 }
 
 impl Default for Options {
@@ -33,6 +36,7 @@ impl Default for Options {
             include_messages: true,
             tables: None,
             tracked: false,
+            max_value_size: None,
         }
     }
 }
@@ -44,7 +48,11 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     "include_old",
     "include_messages",
     "tables",
+    "max_value_size",
 ];
+
+/// Largest `max_value_size` accepted: a value can not be larger than 1 GB.
+pub const MAX_VALUE_SIZE_LIMIT: u64 = 1 << 30;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptionError {
@@ -91,6 +99,14 @@ impl Options {
                 "include_old" => opts.include_old = parse_bool(name, value)?,
                 "include_messages" => opts.include_messages = parse_bool(name, value)?,
                 "tracked" => opts.tracked = parse_bool(name, value)?,
+                "max_value_size" => {
+                    let expected = "a number of bytes from 1 to 1073741824";
+                    let n = value
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .filter(|n| (1..=MAX_VALUE_SIZE_LIMIT).contains(n))
+                        .ok_or_else(|| bad_value(name, value, expected))?;
+                    opts.max_value_size = Some(n);
+                }
                 "tables" => {
                     let text = value.ok_or_else(|| bad_value(name, None, "a list such as public.*,audit.events"))?;
                     let filter = TableFilter::parse(text).map_err(|why| OptionError {
@@ -156,12 +172,14 @@ mod tests {
             ("include_messages", None),
             ("tables", Some("public.*")),
             ("tracked", Some("yes")),
+            ("max_value_size", Some("4096")),
         ])
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(o.format, Format::Binary);
         assert!(!o.include_transaction && !o.include_old && o.include_messages);
         assert!(o.tables.is_some_and(|t| t.matches("public", "x")));
         assert!(o.tracked);
+        assert_eq!(o.max_value_size, Some(4096));
     }
 
     #[test]
@@ -173,6 +191,9 @@ mod tests {
             (&[("include_old", Some("maybe"))], "include_old"),
             (&[("tables", Some("nodot"))], "tables"),
             (&[("tables", None)], "tables"),
+            (&[("max_value_size", Some("0"))], "max_value_size"),
+            (&[("max_value_size", Some("2GB"))], "max_value_size"),
+            (&[("max_value_size", None)], "max_value_size"),
             (
                 &[("include_old", Some("true")), ("include_old", Some("false"))],
                 "include_old",

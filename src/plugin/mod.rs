@@ -20,7 +20,7 @@ use changerelay_core::metadata::{self, METADATA_PREFIX};
 use changerelay_core::options::{Format, Options};
 use changerelay_core::time::pg_timestamp_to_unix_us;
 use changerelay_core::{binary, json, TxnHeader};
-use pgrx::{pg_guard, pg_sys, PgSqlErrorCode};
+use pgrx::{pg_guard, pg_sys, warning, PgSqlErrorCode};
 use relations::{RelInfo, RelTracking};
 use state::{PluginState, TxnState};
 use std::borrow::Cow;
@@ -130,6 +130,10 @@ unsafe extern "C-unwind" fn commit_txn(
     txn: *mut pg_sys::ReorderBufferTXN,
     _commit_lsn: pg_sys::XLogRecPtr,
 ) {
+    // SAFETY: txn is live during the callback.
+    if unsafe { (*txn).txn_flags } & pg_sys::RBTXN_HAS_CATALOG_CHANGES != 0 {
+        CATALOG_CHANGED.store(true, std::sync::atomic::Ordering::Release);
+    }
     // SAFETY: ctx and txn are live during the callback.
     let state = unsafe { PluginState::get(ctx) };
     // SAFETY: as above.
@@ -207,6 +211,10 @@ unsafe extern "C-unwind" fn change(
         utf8,
         ..
     } = state;
+    let conv = values::Conversion {
+        utf8: *utf8,
+        max_value_size: options.max_value_size.unwrap_or_else(crate::gucs::max_value_size),
+    };
     let mut is_config = false;
     // SAFETY: `relation` is open for the callback.
     let info = unsafe { relations.get(relation, options.tables.as_ref()) };
@@ -218,7 +226,7 @@ unsafe extern "C-unwind" fn change(
         let full_old = info.replident_full && options.include_old;
         // SAFETY: as above; rows are dropped before the context reset.
         let decode = |tuple: pg_sys::HeapTuple, only: Option<&[usize]>, scratch: &mut values::Scratch| unsafe {
-            (!tuple.is_null()).then(|| values::decode_row(info, tupdesc, tuple, only, scratch, *utf8))
+            (!tuple.is_null()).then(|| values::decode_row(info, tupdesc, tuple, only, scratch, conv))
         };
         let new = if op == Op::Delete {
             None
@@ -404,33 +412,39 @@ unsafe extern "C-unwind" fn message(
     } else {
         None
     };
-    let text = std::str::from_utf8(bytes).ok();
     let format = state.options.format;
-    match (ts, text) {
-        (Some(ts), Some(text)) if prefix == METADATA_PREFIX => {
-            if let Some(object) = metadata::parse_object(text) {
-                let event = Event::Metadata(MetadataEvent {
-                    txn: ts.header,
-                    json: Cow::Borrowed(text),
-                });
-                // SAFETY: ctx is live.
-                unsafe {
-                    open_txn(ctx, format, &mut state.buf, state.options.include_transaction, ts);
-                    write_event(ctx, format, &mut state.buf, &event, true);
+    match ts {
+        Some(ts) if prefix == METADATA_PREFIX => {
+            // The plugin enforces the metadata rules itself: anyone may emit
+            // a message with this prefix (pg_logical_emit_message), so
+            // set_metadata()'s checks are not the only way in.
+            let accepted = metadata::accept(bytes, ts.metadata_bytes);
+            let (json, object) = match accepted {
+                Ok(object) => {
+                    ts.metadata_bytes += bytes.len();
+                    (Cow::Borrowed(std::str::from_utf8(bytes).unwrap_or_default()), object)
                 }
-                metadata::merge(ts.metadata.get_or_insert_with(Default::default), object);
-                return;
-            }
-            if state.options.include_messages {
-                let event = plain_message(Some(ts.header), lsn, &prefix, bytes);
-                // SAFETY: ctx is live.
-                unsafe {
-                    open_txn(ctx, format, &mut state.buf, state.options.include_transaction, ts);
-                    write_event(ctx, format, &mut state.buf, &event, true);
+                Err(why) => {
+                    warning!(
+                        "pg_changerelay: metadata of transaction {} left out: {why}",
+                        ts.header.xid
+                    );
+                    let marker = metadata::omitted_marker(&why, bytes.len());
+                    (
+                        Cow::Owned(serde_json::Value::Object(marker.clone()).to_string()),
+                        marker,
+                    )
                 }
+            };
+            let event = Event::Metadata(MetadataEvent { txn: ts.header, json });
+            // SAFETY: ctx is live.
+            unsafe {
+                open_txn(ctx, format, &mut state.buf, state.options.include_transaction, ts);
+                write_event(ctx, format, &mut state.buf, &event, true);
             }
+            metadata::merge(ts.metadata.get_or_insert_with(Default::default), object);
         }
-        (ts, _) if state.options.include_messages => {
+        ts if state.options.include_messages => {
             let event = plain_message(ts.as_ref().map(|t| t.header), lsn, &prefix, bytes);
             // SAFETY: ctx is live.
             unsafe {

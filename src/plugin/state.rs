@@ -38,6 +38,8 @@ pub struct TxnState {
     /// A begin record was written.
     pub opened: bool,
     pub metadata: Option<Map<String, Value>>,
+    /// Bytes of the metadata messages merged so far.
+    pub metadata_bytes: usize,
 }
 
 impl PluginState {
@@ -101,6 +103,7 @@ impl PluginState {
             emitted: 0,
             opened: false,
             metadata: None,
+            metadata_bytes: 0,
         });
         // SAFETY: the box's heap address is stable while it sits in `txns`.
         unsafe { (*txn).output_plugin_private = std::ptr::from_mut(&mut *ts).cast() };

@@ -10,6 +10,16 @@ use pgrx::pg_sys;
 use std::borrow::Cow;
 use std::ffi::{c_char, CStr};
 
+/// How values are turned into text: the database encoding, and the size
+/// past which a value is left out.
+#[derive(Clone, Copy)]
+pub struct Conversion {
+    /// The database encoding is UTF-8 (text needs no conversion).
+    pub utf8: bool,
+    /// Values larger than this (bytes, as stored) become `Scalar::Omitted`.
+    pub max_value_size: u64,
+}
+
 /// Reused buffers for deforming tuples.
 #[derive(Default)]
 pub struct Scratch {
@@ -65,7 +75,7 @@ pub unsafe fn decode_row<'a>(
     tuple: pg_sys::HeapTuple,
     only: Option<&[usize]>,
     scratch: &mut Scratch,
-    utf8: bool,
+    conv: Conversion,
 ) -> DecodedRow<'a> {
     let natts = info.columns.len();
     scratch.datums.clear();
@@ -92,9 +102,21 @@ pub unsafe fn decode_row<'a>(
         }
         let value = if null {
             Value::NULL
+        } else if let Some(size) = col
+            .varlena
+            .then(|| {
+                // SAFETY: a non-null varlena datum; only its header is read (an
+                // external value is not fetched to learn its size).
+                // The size counts the 4-byte length word: the value's bytes are what is left.
+                unsafe { (pg_sys::toast_raw_datum_size(datum) as u64).saturating_sub(pg_sys::VARHDRSZ as u64) }
+            })
+            .filter(|size| *size > conv.max_value_size)
+        {
+            // Too large to decode: the change keeps the column, marked.
+            Value::Scalar(Scalar::Omitted(size))
         } else {
             // SAFETY: `datum` is a non-null value of the column's type.
-            unsafe { column_value(col, datum, utf8) }
+            unsafe { column_value(col, datum, conv.utf8) }
         };
         out.row.push(Column {
             name: Cow::Borrowed(col.name.as_str()),
@@ -210,25 +232,45 @@ unsafe fn output_text<'a>(out: &pg_sys::FmgrInfo, datum: pg_sys::Datum, utf8: bo
 }
 
 /// Borrows a server-encoded C string as UTF-8, converting when the database
-/// is not UTF-8. Invalid bytes are replaced, never passed on into JSON.
+/// is not UTF-8. Invalid bytes are replaced, never passed on into JSON, and
+/// never an error: in a SQL_ASCII database any bytes are legal text, and a
+/// character with no UTF-8 equivalent must not stop decoding.
 ///
 /// # Safety
 /// `text` must be a NUL-terminated string that outlives `'a`.
 pub unsafe fn server_text<'a>(text: *const c_char, utf8: bool) -> Cow<'a, str> {
     // SAFETY: forwarded from the caller.
     let bytes: &'a [u8] = unsafe { CStr::from_ptr(text) }.to_bytes();
-    let bytes = if utf8 || bytes.is_ascii() {
-        bytes
-    } else {
-        // SAFETY: converting `bytes.len()` bytes of a valid server string; the
-        // result is palloc'd in the current context (or is `text` itself).
+    if utf8 || bytes.is_ascii() {
+        return match std::str::from_utf8(bytes) {
+            Ok(s) => Cow::Borrowed(s),
+            Err(_) => Cow::Owned(String::from_utf8_lossy(bytes).into_owned()),
+        };
+    }
+    // SAFETY: reading the database encoding.
+    let sql_ascii = unsafe { pg_sys::GetDatabaseEncoding() } == pg_sys::pg_enc::PG_SQL_ASCII as i32;
+    if sql_ascii {
+        // No conversion is defined (pg_server_to_any would only verify the
+        // bytes as UTF-8, and raise an error where they are not).
+        return String::from_utf8_lossy(bytes);
+    }
+    let converted = pgrx::PgTryBuilder::new(|| {
+        // SAFETY: converting `bytes.len()` bytes of a valid server string;
+        // the result is palloc'd in the current (per-change) context. An
+        // unconvertible character raises an error, caught here: the
+        // conversion only allocates, so nothing is left to clean up.
         unsafe {
             let conv = pg_sys::pg_server_to_any(text, bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
-            CStr::from_ptr(conv).to_bytes()
+            Some(CStr::from_ptr(conv).to_bytes())
         }
-    };
-    match std::str::from_utf8(bytes) {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(String::from_utf8_lossy(bytes).into_owned()),
+    })
+    .catch_others(|_| None)
+    .execute();
+    match converted {
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => Cow::Borrowed(s),
+            Err(_) => Cow::Owned(String::from_utf8_lossy(b).into_owned()),
+        },
+        None => String::from_utf8_lossy(bytes),
     }
 }

@@ -1,16 +1,21 @@
-//! The change history: `current_cursor()`, `changes()` and `watch()`.
+//! The change history: its tables, reading it, `changes()` and `watch()`.
 //!
 //! History rows are written by the relay worker in the same transaction as
-//! the versions. Row-level security on `changerelay.history` hands each row
-//! only to roles that can SELECT its table. `watch()` sleeps on the shared
-//! condition variable the worker broadcasts after each batch, and reads with
-//! a fresh snapshot each time it wakes (READ COMMITTED).
+//! the versions (see `worker::persist`); each holds the plugin's binary
+//! frame of one change, decoded here when read. Row-level security on
+//! `changerelay.history` hands each row only to roles that can SELECT its
+//! table. `watch()` sleeps on the shared condition variable the worker
+//! broadcasts after each batch, and reads with a fresh snapshot each time it
+//! wakes (READ COMMITTED).
 
 use crate::errors::raise;
 use crate::shmem;
-use crate::sql::{require_preloaded, select_one};
+use crate::sql::cursors::{self, check_cursor, cluster, not_expired};
+use crate::sql::jsonb::JsonbText;
+use crate::sql::require_preloaded;
 use changerelay_core::cursor::Cursor;
 use changerelay_core::filter::Filter;
+use changerelay_core::history::{ChangeView, HistoryRow};
 use pgrx::datum::DatumWithOid;
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
@@ -21,22 +26,15 @@ use std::time::{Duration, Instant};
 extension_sql!(
     r#"
 -- Every change of a tracked table, kept for changerelay.history_retention.
--- (event_id, pos) orders it in commit order and forms cursors.
+-- (event_id, pos) orders it in commit order and forms cursors. change is the
+-- output plugin's binary frame of the change (changerelay.decode() shows it).
 CREATE TABLE changerelay.history (
     event_id bigint NOT NULL,
     pos int NOT NULL,
-    seq int NOT NULL,
     ts bigint NOT NULL,
-    xid bigint NOT NULL,
     relid oid NOT NULL,
     label text NOT NULL,
-    table_name text NOT NULL,
-    op text NOT NULL,
-    identifier text,
-    key jsonb,
-    new jsonb,
-    old jsonb,
-    metadata jsonb,
+    change bytea NOT NULL,
     PRIMARY KEY (event_id, pos)
 );
 CREATE INDEX history_label ON changerelay.history (label, event_id, pos);
@@ -44,6 +42,15 @@ CREATE INDEX history_ts ON changerelay.history USING brin (ts);
 ALTER TABLE changerelay.history ENABLE ROW LEVEL SECURITY;
 CREATE POLICY history_readable ON changerelay.history FOR SELECT
     USING (coalesce(pg_catalog.has_table_privilege(relid, 'SELECT'), false));
+-- A transaction's metadata (changerelay.set_metadata), kept once; visible
+-- with any history row of the transaction the reader may see.
+CREATE TABLE changerelay.history_metadata (
+    event_id bigint PRIMARY KEY,
+    metadata json NOT NULL
+);
+ALTER TABLE changerelay.history_metadata ENABLE ROW LEVEL SECURITY;
+CREATE POLICY history_metadata_readable ON changerelay.history_metadata FOR SELECT
+    USING (EXISTS (SELECT 1 FROM changerelay.history h WHERE h.event_id = history_metadata.event_id));
 -- event_id: history at or before (event_id, end of that transaction) has been
 -- pruned. applied: the last transaction the relay worker applied; written in
 -- the same transaction as its history, so a batch decoded again after a
@@ -54,166 +61,31 @@ CREATE TABLE changerelay.history_horizon (
     applied bigint NOT NULL DEFAULT 0
 );
 INSERT INTO changerelay.history_horizon VALUES (true, 0, 0);
-REVOKE ALL ON changerelay.history, changerelay.history_horizon FROM PUBLIC;
-GRANT SELECT ON changerelay.history, changerelay.history_horizon TO PUBLIC;
+-- Transactions the relay worker could not apply, with their frames: the
+-- versions they touched were moved; their history is missing. Superusers
+-- only (the frames hold row data).
+CREATE TABLE changerelay.dead_letters (
+    event_id bigint PRIMARY KEY,
+    xid bigint,
+    labels text[] NOT NULL,
+    error text NOT NULL,
+    frames int NOT NULL,
+    bytes bigint NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE changerelay.dead_letter_frames (
+    event_id bigint NOT NULL,
+    n int NOT NULL,
+    frame bytea NOT NULL,
+    PRIMARY KEY (event_id, n)
+);
+REVOKE ALL ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon,
+              changerelay.dead_letters, changerelay.dead_letter_frames FROM PUBLIC;
+GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon TO PUBLIC;
 "#,
     name = "history_tables",
     requires = ["tracking_tables"]
 );
-
-/// One row of `changes()`/`watch()`.
-pub type ChangeRow = (
-    String,
-    i64,
-    i32,
-    i64,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<JsonB>,
-    Option<JsonB>,
-    Option<JsonB>,
-    Option<JsonB>,
-);
-
-/// This cluster's identity, as cursors carry it.
-pub fn cluster() -> (u64, u32) {
-    // SAFETY: reading control data on the main thread.
-    unsafe { (pg_sys::GetSystemIdentifier(), pg_sys::GetWALInsertionTimeLine()) }
-}
-
-fn cursor_hint() -> &'static str {
-    "Reload the state you derive from changes (for example changerelay.version_map()), then continue from changerelay.current_cursor()."
-}
-
-/// The newest event the history knows: applied by the worker or stored.
-fn newest_event() -> u64 {
-    let applied = shmem::shared()
-        .map(|s| s.status.last_event_id.load(Ordering::Acquire))
-        .unwrap_or(0);
-    let stored = select_one::<i64>("SELECT max(event_id) FROM changerelay.history", &[])
-        .ok()
-        .flatten()
-        .unwrap_or(0);
-    applied.max(stored.max(0) as u64)
-}
-
-fn horizon() -> u64 {
-    select_one::<i64>("SELECT event_id FROM changerelay.history_horizon", &[])
-        .ok()
-        .flatten()
-        .unwrap_or(0)
-        .max(0) as u64
-}
-
-/// Why a cursor cannot be used.
-pub enum CursorProblem {
-    /// Not a cursor at all (`invalid_parameter_value`).
-    Malformed(String),
-    /// Issued by another cluster.
-    Foreign { theirs: u64, ours: u64 },
-    /// History after it was pruned.
-    Expired { horizon: u64, at: u64 },
-    /// Newer than anything this server has applied.
-    Ahead,
-}
-
-impl CursorProblem {
-    pub fn message(&self) -> String {
-        match self {
-            CursorProblem::Malformed(e) => format!("invalid cursor: {e}"),
-            CursorProblem::Foreign { .. } => "cursor belongs to another cluster".into(),
-            CursorProblem::Expired { .. } => "cursor is older than the history retention window".into(),
-            CursorProblem::Ahead => "cursor is ahead of this server".into(),
-        }
-    }
-
-    fn detail(&self) -> Option<String> {
-        match self {
-            CursorProblem::Malformed(_) => None,
-            CursorProblem::Foreign { theirs, ours } => Some(format!(
-                "The cursor was issued by system {theirs}; this is system {ours}."
-            )),
-            CursorProblem::Expired { horizon, at } => Some(format!(
-                "History up to event {horizon} has been pruned (changerelay.history_retention); the cursor is at event {at}."
-            )),
-            CursorProblem::Ahead => {
-                Some("The server was restored to an earlier point, or the cursor comes from elsewhere.".into())
-            }
-        }
-    }
-
-    /// Raises the documented error for this problem.
-    pub fn raise(&self) -> ! {
-        match self {
-            CursorProblem::Malformed(_) => raise(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                self.message(),
-                None,
-                "Pass a cursor returned by changerelay.changes(), watch() or current_cursor(), unchanged.",
-            ),
-            _ => raise(
-                PgSqlErrorCode::ERRCODE_SNAPSHOT_TOO_OLD,
-                self.message(),
-                self.detail(),
-                cursor_hint(),
-            ),
-        }
-    }
-}
-
-/// Parses and checks a cursor: from this cluster, inside the retention
-/// window, not ahead of this server.
-pub fn validate_cursor(text: &str) -> Result<Cursor, CursorProblem> {
-    let cursor = Cursor::decode(text).map_err(|e| CursorProblem::Malformed(e.to_string()))?;
-    let (system_id, _) = cluster();
-    if cursor.system_id != system_id {
-        return Err(CursorProblem::Foreign {
-            theirs: cursor.system_id,
-            ours: system_id,
-        });
-    }
-    not_expired(&cursor)?;
-    if cursor.event_id > newest_event() {
-        return Err(CursorProblem::Ahead);
-    }
-    Ok(cursor)
-}
-
-fn check_cursor(text: &str) -> Cursor {
-    validate_cursor(text).unwrap_or_else(|p| p.raise())
-}
-
-/// Errors when history after `cursor` has been pruned.
-fn not_expired(cursor: &Cursor) -> Result<(), CursorProblem> {
-    let h = horizon();
-    if cursor.position() < (h, Cursor::END) {
-        return Err(CursorProblem::Expired {
-            horizon: h,
-            at: cursor.event_id,
-        });
-    }
-    Ok(())
-}
-
-pub fn current() -> Cursor {
-    let (system_id, timeline) = cluster();
-    Cursor {
-        system_id,
-        timeline,
-        event_id: newest_event().max(horizon()),
-        pos: Cursor::END,
-    }
-}
-
-/// The position after everything the relay worker has applied.
-#[pg_extern(volatile, parallel_safe)]
-fn current_cursor() -> String {
-    require_preloaded();
-    current().encode()
-}
 
 /// Checks `labels` exist and that the caller may read every table of each.
 fn check_labels(labels: &[String]) {
@@ -238,12 +110,18 @@ fn parse_filter(filter: Option<&JsonB>) -> Option<Filter> {
     }
 }
 
+/// Most changes one call returns.
+pub const MAX_EVENTS: i32 = 10_000;
+
 /// A validated request for history rows.
 pub struct Request {
     pub after: Cursor,
     pub labels: Option<Vec<String>>,
     pub max_events: i32,
     pub filter: Option<Filter>,
+    /// Stop once the rows read hold this many bytes of frames (at least one
+    /// row is always returned).
+    pub max_bytes: usize,
 }
 
 fn request(
@@ -254,23 +132,23 @@ fn request(
     from_now: bool,
 ) -> Request {
     require_preloaded();
-    if max_events < 1 {
+    if !(1..=MAX_EVENTS).contains(&max_events) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("max_events must be at least 1, not {max_events}"),
+            format!("max_events must be between 1 and {MAX_EVENTS}, not {max_events}"),
             None,
-            "Pass a positive number of changes to return at most.",
+            "Pass a number of changes to return at most; continue from the last row's cursor for more.",
         );
     }
     let after = match since {
         Some(text) => check_cursor(text),
-        None if from_now => current(),
+        None if from_now => cursors::current(),
         None => {
             let (system_id, timeline) = cluster();
             Cursor {
                 system_id,
                 timeline,
-                event_id: horizon(),
+                event_id: cursors::horizon(),
                 pos: Cursor::END,
             }
         }
@@ -284,66 +162,77 @@ fn request(
         labels,
         max_events,
         filter,
+        max_bytes: usize::MAX,
     }
 }
 
-/// Reads the history rows after the request's cursor, with a fresh
-/// snapshot (so a waiting `watch()` sees what the worker committed since).
-pub fn read_rows(req: &Request) -> Result<Vec<ChangeRow>, String> {
-    let mut sql = String::from(
-        "SELECT event_id, pos, seq, ts, xid, label, table_name, op, identifier, key, new, old, metadata
-           FROM changerelay.history
-          WHERE (event_id, pos) > ($1, $2) AND ($3::text[] IS NULL OR label = ANY ($3))",
-    );
-    let mut args: Vec<DatumWithOid<'_>> = vec![
-        (req.after.event_id.min(i64::MAX as u64) as i64).into(),
-        (req.after.pos as i64).into(),
-        req.labels.clone().into(),
-        req.max_events.into(),
-    ];
-    for (column, values) in req.filter.iter().flat_map(|f| f.terms.iter()) {
-        let n = args.len();
-        sql.push_str(&format!(
-            " AND coalesce(new, old, key) ->> ${} = ANY (${})",
-            n + 1,
-            n + 2
-        ));
-        args.push(column.as_str().into());
-        args.push(values.clone().into());
-    }
-    sql.push_str(" ORDER BY event_id, pos LIMIT $4");
+/// The cursor of the position after `view`.
+pub fn cursor_after(view: &ChangeView) -> Cursor {
     let (system_id, timeline) = cluster();
+    Cursor {
+        system_id,
+        timeline,
+        event_id: view.event_id,
+        pos: view.pos,
+    }
+}
+
+/// Rows read per query while a filter drops some of them.
+const FILTERED_PAGE: i64 = 1000;
+
+/// Reads the history rows after the request's cursor in commit order, with
+/// a fresh snapshot (so a waiting `watch()` sees what the worker committed
+/// since). Filters are applied to the decoded rows, page by page.
+pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
+    const SQL: &str = "SELECT h.event_id, h.pos, h.ts, h.relid, h.label, h.change, m.metadata::pg_catalog.text
+           FROM changerelay.history h
+           LEFT JOIN changerelay.history_metadata m ON m.event_id = h.event_id
+          WHERE (h.event_id, h.pos) > ($1, $2) AND ($3::pg_catalog.text[] IS NULL OR h.label = ANY ($3))
+          ORDER BY h.event_id, h.pos LIMIT $4";
+    let want = req.max_events.max(1) as usize;
+    let page = if req.filter.is_some() {
+        FILTERED_PAGE.max(want as i64)
+    } else {
+        want as i64
+    };
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut at = req.after.position();
     // SAFETY: a fresh snapshot for this read only, popped right after.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let rows = Spi::connect(|client| {
-        let t = client.select(&sql, None, &args)?;
-        t.map(|r| {
-            let event_id = r.get::<i64>(1)?.unwrap_or(0);
-            let pos = r.get::<i32>(2)?.unwrap_or(0);
-            let cursor = Cursor {
-                system_id,
-                timeline,
-                event_id: event_id as u64,
-                pos: pos as u32,
+    let read = Spi::connect(|client| loop {
+        let args: Vec<DatumWithOid<'_>> = vec![
+            (at.0.min(i64::MAX as u64) as i64).into(),
+            (at.1 as i64).into(),
+            req.labels.clone().into(),
+            page.into(),
+        ];
+        let table = client.select(SQL, None, &args)?;
+        let got = table.len();
+        for r in table {
+            let row = HistoryRow {
+                event_id: r.get::<i64>(1)?.unwrap_or(0) as u64,
+                pos: r.get::<i32>(2)?.unwrap_or(0) as u32,
+                ts: r.get::<i64>(3)?.unwrap_or(0),
+                relid: r.get::<pg_sys::Oid>(4)?.map_or(0, |o| o.to_u32()),
+                label: r.get::<String>(5)?.unwrap_or_default(),
+                frame: r.get::<Vec<u8>>(6)?.unwrap_or_default(),
+            };
+            at = (row.event_id, row.pos);
+            let mut view = view_or_marker(&row);
+            if req.filter.as_ref().is_some_and(|f| !view.matches(f)) {
+                continue;
             }
-            .encode();
-            Ok::<_, pgrx::spi::Error>((
-                cursor,
-                event_id,
-                r.get::<i32>(3)?.unwrap_or(0),
-                r.get::<i64>(4)?.unwrap_or(0),
-                r.get::<i64>(5)?.unwrap_or(0),
-                r.get::<String>(6)?.unwrap_or_default(),
-                r.get::<String>(7)?.unwrap_or_default(),
-                r.get::<String>(8)?.unwrap_or_default(),
-                r.get::<String>(9)?,
-                r.get::<JsonB>(10)?,
-                r.get::<JsonB>(11)?,
-                r.get::<JsonB>(12)?,
-                r.get::<JsonB>(13)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, _>>()
+            view.metadata = r.get::<String>(7)?;
+            bytes += row.frame.len();
+            out.push(view);
+            if out.len() >= want || bytes >= req.max_bytes {
+                return Ok(());
+            }
+        }
+        if (got as i64) < page {
+            return Ok::<_, pgrx::spi::Error>(());
+        }
     });
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
@@ -352,20 +241,81 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeRow>, String> {
     // silently missing; reading the horizon again now (a later snapshot)
     // turns that into the documented error.
     not_expired(&req.after).map_err(|p| p.message())?;
-    rows.map_err(|e| format!("could not read history: {e}"))
+    read.map_err(|e| format!("could not read history: {e}"))?;
+    Ok(out)
 }
 
-fn fetch(req: &Request) -> Vec<ChangeRow> {
-    match read_rows(req) {
+/// The row as readers see it; a frame that can not be decoded (damaged
+/// storage) shows as a marker instead of hiding every row after it.
+fn view_or_marker(row: &HistoryRow) -> ChangeView {
+    row.view().unwrap_or_else(|e| ChangeView {
+        event_id: row.event_id,
+        pos: row.pos,
+        ts: row.ts,
+        relid: row.relid,
+        label: row.label.clone(),
+        op: "undecodable",
+        new: Some(format!(
+            "{{\"$changerelay\":\"undecodable\",\"error\":{}}}",
+            serde_json::Value::String(e.to_string())
+        )),
+        ..ChangeView::default()
+    })
+}
+
+fn fetch(req: &Request) -> Vec<ChangeTuple> {
+    let rows = match read_rows(req) {
         Ok(rows) => rows,
         Err(e) => {
             // Pruning that committed during the read gives the documented error.
             if let Err(p) = not_expired(&req.after) {
                 p.raise()
             }
-            raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e, None, "")
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                e,
+                None,
+                "Retry; if it persists, check the server log.",
+            )
         }
-    }
+    };
+    rows.into_iter().map(tuple).collect()
+}
+
+/// One row of `changes()`/`watch()`.
+type ChangeTuple = (
+    String,
+    i64,
+    i32,
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<JsonbText>,
+    Option<JsonbText>,
+    Option<JsonbText>,
+    Option<JsonbText>,
+);
+
+fn tuple(v: ChangeView) -> ChangeTuple {
+    let cursor = cursor_after(&v).encode();
+    (
+        cursor,
+        v.event_id as i64,
+        v.seq as i32,
+        v.ts,
+        i64::from(v.xid),
+        v.label,
+        v.table_name,
+        v.op.to_string(),
+        v.identifier,
+        v.key.map(JsonbText),
+        v.new.map(JsonbText),
+        v.old.map(JsonbText),
+        v.metadata.map(JsonbText),
+    )
 }
 
 /// The changes strictly after `since` (NULL: the oldest retained), in commit
@@ -388,10 +338,10 @@ fn changes(
         name!(table_name, String),
         name!(op, String),
         name!(identifier, Option<String>),
-        name!(key, Option<JsonB>),
-        name!(new, Option<JsonB>),
-        name!(old, Option<JsonB>),
-        name!(metadata, Option<JsonB>),
+        name!(key, Option<JsonbText>),
+        name!(new, Option<JsonbText>),
+        name!(old, Option<JsonbText>),
+        name!(metadata, Option<JsonbText>),
     ),
 > {
     let req = request(since, labels, max_events, filter, false);
@@ -424,10 +374,10 @@ fn watch(
         name!(table_name, String),
         name!(op, String),
         name!(identifier, Option<String>),
-        name!(key, Option<JsonB>),
-        name!(new, Option<JsonB>),
-        name!(old, Option<JsonB>),
-        name!(metadata, Option<JsonB>),
+        name!(key, Option<JsonbText>),
+        name!(new, Option<JsonbText>),
+        name!(old, Option<JsonbText>),
+        name!(metadata, Option<JsonbText>),
     ),
 > {
     // SAFETY: reading the session's isolation level.

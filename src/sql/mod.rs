@@ -1,6 +1,8 @@
 //! SQL functions in schema `changerelay`.
 
+pub mod cursors;
 pub mod history;
+mod jsonb;
 pub mod metadata;
 pub mod tokens;
 mod tracking;

@@ -253,6 +253,8 @@ fn status() -> JsonB {
             "pid": if pid > 0 { Value::from(pid) } else { Value::Null },
             "state": state.as_str(),
             "database": crate::gucs::database(),
+            "dead_letters": st.dead_letters.load(Ordering::Relaxed),
+            "apply_retries": st.apply_retries.load(Ordering::Relaxed),
         },
         "slot": {
             "name": slot,

@@ -9,16 +9,15 @@ use changerelay_core::lsn::lsn_to_string;
 use pgrx::prelude::*;
 use std::ffi::CString;
 
-/// Output of one round: (lsn, frame) pairs; for commit frames the lsn is the
-/// end of the commit record.
-pub type Frames = Vec<(u64, Vec<u8>)>;
+use super::frames::FrameBuffer;
 
 pub struct Decoder {
     ctx: *mut pg_sys::LogicalDecodingContext,
     owner: pg_sys::ResourceOwner,
     /// Where the output writer callbacks put frames (boxed: its address is
-    /// handed to Postgres).
-    out: Box<Frames>,
+    /// handed to Postgres). For commit frames the lsn is the end of the
+    /// commit record.
+    out: Box<FrameBuffer>,
 }
 
 // Raw server symbols. The WAL page callbacks must be the C functions
@@ -82,7 +81,7 @@ impl Decoder {
             );
             pg_sys::MemoryContextSwitchTo(old);
             leave_logical_decoding_status();
-            let mut out = Box::new(Frames::new());
+            let mut out = Box::new(FrameBuffer::default());
             (*ctx).output_writer_private = std::ptr::from_mut(&mut *out).cast();
             // Whole transactions committing after confirmed_flush must be
             // accumulated, so reading starts at restart_lsn.
@@ -102,7 +101,7 @@ impl Decoder {
     /// boundary, so only whole transactions) once `limit` frames are out.
     /// Returns the frames, the position decoded up to, and whether it
     /// stopped early.
-    pub fn decode(&mut self, limit: usize) -> (Frames, u64, bool) {
+    pub fn decode(&mut self, limit: usize) -> (FrameBuffer, u64, bool) {
         // SAFETY: main thread, outside a transaction; decoding starts and
         // ends its own transactions for catalog access.
         //
@@ -116,7 +115,7 @@ impl Decoder {
             let reader = (*self.ctx).reader;
             let end_of_wal = pg_sys::GetFlushRecPtr(std::ptr::null_mut());
             if (*reader).EndRecPtr >= end_of_wal {
-                return (Frames::new(), (*reader).EndRecPtr, false);
+                return (FrameBuffer::default(), (*reader).EndRecPtr, false);
             }
             pg_sys::CurrentResourceOwner = self.owner;
             let mut more = false;
@@ -211,9 +210,9 @@ unsafe extern "C-unwind" fn do_write(
     // SAFETY: output_writer_private is the decoder's boxed frame list, alive
     // as long as the context; ctx->out holds `len` bytes.
     unsafe {
-        let out = &mut *(*ctx).output_writer_private.cast::<Frames>();
+        let out = &mut *(*ctx).output_writer_private.cast::<FrameBuffer>();
         let buf = &*(*ctx).out;
         let bytes = std::slice::from_raw_parts(buf.data.cast::<u8>(), buf.len.max(0) as usize);
-        out.push((lsn, bytes.to_vec()));
+        out.push(lsn, bytes, changerelay_core::binary::opens_transaction(bytes));
     }
 }

@@ -9,13 +9,16 @@
 //! Ordering contract: a batch is published before any request that arrives
 //! after it is answered, because both happen on this thread in that order.
 
+use super::persist::Fresh;
 use crate::gucs::{self, AuthMode};
 use crate::shmem::{self, WorkerState};
-use crate::sql::history::{self, CursorProblem};
+use crate::sql::cursors::{self, CursorProblem};
+use crate::sql::history;
 use crate::sql::{select_all, versions};
-use changerelay_core::apply::{HistoryRow, VersionUpdates};
+use changerelay_core::apply::VersionUpdates;
 use changerelay_core::cursor::Cursor;
 use changerelay_core::filter::Filter;
+use changerelay_core::history::ChangeView;
 use changerelay_endpoint as ep;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
@@ -129,34 +132,27 @@ impl Link {
 
     /// Publishes a committed, applied batch. `fresh`: its history rows not
     /// published before (a batch decoded again after a restart has none),
-    /// moved into the message rather than copied.
-    pub fn publish_batch(&mut self, fresh: Vec<HistoryRow>, updates: &VersionUpdates) {
-        let (system_id, timeline) = history::cluster();
-        let cursor = |event_id: u64, pos: u32| {
-            Cursor {
-                system_id,
-                timeline,
-                event_id,
-                pos,
-            }
-            .encode()
-        };
+    /// moved into the message rather than copied; `None` when the batch had
+    /// too many to publish.
+    pub fn publish_batch(&mut self, fresh: Option<Fresh>, updates: &VersionUpdates) {
+        let (system_id, timeline) = cursors::cluster();
+        let fresh = fresh.unwrap_or_default();
+        let metadata: std::collections::HashMap<u64, String> = fresh.metadata.into_iter().collect();
         let changes = fresh
+            .rows
             .into_iter()
-            .map(|r| ep::ChangeRow {
-                cursor: cursor(r.event_id, r.pos),
-                event_id: r.event_id,
-                seq: r.seq as i32,
-                ts: r.ts,
-                xid: i64::from(r.xid),
-                label: r.label,
-                table_name: r.table_name,
-                op: r.op.to_string(),
-                identifier: r.identifier,
-                key: r.key,
-                new: r.new,
-                old: r.old,
-                metadata: r.metadata,
+            .filter_map(|r| match r.view() {
+                Ok(mut view) => {
+                    view.metadata = metadata.get(&r.event_id).cloned();
+                    Some(change_row(view, system_id, timeline))
+                }
+                Err(e) => {
+                    warning!(
+                        "pg_changerelay relay: a history row of event {} is undecodable: {e}",
+                        r.event_id
+                    );
+                    None
+                }
             })
             .collect();
         let deltas = updates.deltas();
@@ -209,7 +205,7 @@ impl Link {
     /// publishes the status, answers pending requests.
     pub fn tick(&mut self, installed: bool) {
         if installed && (self.labels_stale || self.head.is_none()) {
-            let (labels, head) = BackgroundWorker::transaction(|| (load_labels(), history::current()));
+            let (labels, head) = BackgroundWorker::transaction(|| (load_labels(), cursors::current()));
             self.labels = labels;
             self.labels_generation += 1;
             self.head = Some(head);
@@ -361,7 +357,7 @@ fn answer(kind: &ep::RequestKind, labels: &[String]) -> Result<ep::Reply, ep::Re
 }
 
 fn read_history(since: &str, labels: &[String], max: u32, filter: Option<&str>) -> Result<ep::Reply, ep::ReplyError> {
-    let after = history::validate_cursor(since).map_err(|p| {
+    let after = cursors::validate_cursor(since).map_err(|p| {
         let kind = match p {
             CursorProblem::Malformed(_) => ep::ReplyErrorKind::Malformed,
             CursorProblem::Foreign { .. } => ep::ReplyErrorKind::Foreign,
@@ -390,33 +386,42 @@ fn read_history(since: &str, labels: &[String], max: u32, filter: Option<&str>) 
         labels: Some(labels.to_vec()),
         max_events: max as i32,
         filter,
+        max_bytes: usize::MAX,
     };
     let rows = history::read_rows(&req).map_err(|e| internal(&e))?;
     let more = rows.len() as u32 >= max;
+    let (system_id, timeline) = cursors::cluster();
     let head = match rows.last() {
-        Some(r) if more => r.0.clone(),
-        _ => history::current().encode(),
+        Some(r) if more => history::cursor_after(r).encode(),
+        _ => cursors::current().encode(),
     };
-    let json = |j: Option<pgrx::JsonB>| j.map(|j| j.0.to_string());
-    let rows = rows
-        .into_iter()
-        .map(|r| ep::ChangeRow {
-            cursor: r.0,
-            event_id: r.1 as u64,
-            seq: r.2,
-            ts: r.3,
-            xid: r.4,
-            label: r.5,
-            table_name: r.6,
-            op: r.7,
-            identifier: r.8,
-            key: json(r.9),
-            new: json(r.10),
-            old: json(r.11),
-            metadata: json(r.12),
-        })
-        .collect();
+    let rows = rows.into_iter().map(|v| change_row(v, system_id, timeline)).collect();
     Ok(ep::Reply::History { rows, head, more })
+}
+
+/// The endpoint's shape of a history row.
+fn change_row(v: ChangeView, system_id: u64, timeline: u32) -> ep::ChangeRow {
+    ep::ChangeRow {
+        cursor: Cursor {
+            system_id,
+            timeline,
+            event_id: v.event_id,
+            pos: v.pos,
+        }
+        .encode(),
+        event_id: v.event_id,
+        seq: v.seq as i32,
+        ts: v.ts,
+        xid: i64::from(v.xid),
+        label: v.label,
+        table_name: v.table_name,
+        op: v.op.to_string(),
+        identifier: v.identifier,
+        key: v.key,
+        new: v.new,
+        old: v.old,
+        metadata: v.metadata,
+    }
 }
 
 /// Every label that is tracked or has versions.

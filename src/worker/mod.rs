@@ -18,11 +18,13 @@ use crate::gucs;
 use crate::shmem::{self, WorkerState};
 use crate::sql::{select_all, select_one};
 use changerelay_core::apply::VersionUpdates;
-use changerelay_core::binary;
 use changerelay_core::lsn::lsn_to_string;
 mod decoder;
 mod endpoint;
+mod frames;
 mod persist;
+mod settings;
+mod txn;
 
 use decoder::Decoder;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
@@ -81,6 +83,7 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
     set_state(WorkerState::Starting);
     let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    settings::pin();
     // SAFETY: as above; pgstat_report_appname copies the string.
     unsafe {
         shared
@@ -104,6 +107,7 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         if crate::compat::sighup_received() {
             // SAFETY: reloading the configuration file between steps.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            settings::apply_reloadable();
         }
         sleep = relay.step();
         let installed = relay.installed;
@@ -194,50 +198,159 @@ impl Relay {
         let Some(decoder) = self.decoder.as_mut() else {
             return poll;
         };
-        let (frames, end, more) = decoder.decode(gucs::batch_changes().max(1) as usize);
+        let (mut frames, end, more) = decoder.decode(gucs::batch_changes().max(1) as usize);
+        if let Some(why) = frames.failure() {
+            error!("pg_changerelay relay: {why}");
+        }
+        if frames.spilled_bytes() > 0 {
+            log!(
+                "pg_changerelay relay: a batch of {} frames kept {} MB of them in a temporary file",
+                frames.len(),
+                frames.spilled_bytes() >> 20
+            );
+        }
         if frames.is_empty() && end <= decoder.confirmed() {
             return poll;
         }
-        let mut updates = VersionUpdates::default();
-        for (lsn, frame) in &frames {
-            match binary::read_event(frame) {
-                Ok(event) => updates.add(&event),
-                Err(e) => error!(
-                    "pg_changerelay relay: undecodable frame at {}: {e}",
-                    lsn_to_string(*lsn)
-                ),
-            }
-        }
-        let changed = !updates.is_empty();
-        let fresh = if !changed {
-            Vec::new()
-        } else {
-            let fresh = self.persister.persist(&mut updates);
-            apply_to_shared_memory(&updates);
-            fresh
+        let Some(results) = self.apply(&mut frames) else {
+            // SIGTERM while recovering: nothing was confirmed, so the batch
+            // is decoded again after the restart.
+            return Duration::ZERO;
+        };
+        drop(frames);
+        let Some(decoder) = self.decoder.as_mut() else {
+            return poll;
         };
         decoder.confirm(end);
-        if let Some(s) = shmem::shared() {
-            if let Some(c) = updates.last_commit {
-                s.status.last_event_id.store(c.event_id, Ordering::Release);
-                s.status
-                    .last_commit_ts
-                    .store(changerelay_core::time::unix_us_to_ms(c.commit_us), Ordering::Release);
-            }
-            s.status.confirmed_lsn.store(decoder.confirmed(), Ordering::Release);
-            s.status.batches.fetch_add(1, Ordering::Relaxed);
-            s.status.changes.fetch_add(updates.changes, Ordering::Relaxed);
-        }
-        if changed {
-            shmem::broadcast();
-            if let Some(link) = self.link.as_mut() {
-                link.publish_batch(fresh, &updates);
-            }
+        let confirmed = decoder.confirmed();
+        for applied in results {
+            self.publish(applied, confirmed);
         }
         if more {
             Duration::ZERO
         } else {
             poll
+        }
+    }
+
+    /// Applies a decoded batch. When the batch as a whole fails, each of
+    /// its transactions is applied alone, retried with backoff, and one that
+    /// still fails becomes a dead letter: the relay never stops or loops on
+    /// a transaction it can not apply. `None`: SIGTERM arrived meanwhile.
+    fn apply(&mut self, frames: &mut frames::FrameBuffer) -> Option<Vec<persist::Applied>> {
+        let spans = frames.spans().to_vec();
+        let first_error = match self.persister.apply(frames, &spans) {
+            Ok(applied) => return Some(vec![applied]),
+            Err(e) => e,
+        };
+        if spans.len() > 1 {
+            warning!(
+                "pg_changerelay relay: could not apply a batch of {} transactions: {first_error}",
+                spans.len()
+            );
+        }
+        let mut out = Vec::with_capacity(spans.len());
+        for span in &spans {
+            out.push(self.apply_alone(frames, span)?);
+        }
+        Some(out)
+    }
+
+    fn apply_alone(&mut self, frames: &mut frames::FrameBuffer, span: &frames::Span) -> Option<persist::Applied> {
+        let mut last_error = String::new();
+        for (attempt, backoff) in RETRY_BACKOFF.iter().enumerate() {
+            match self.persister.apply(frames, std::slice::from_ref(span)) {
+                Ok(applied) => return Some(applied),
+                Err(e) => {
+                    if let Some(s) = shmem::shared() {
+                        s.status.apply_retries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    warning!(
+                        "pg_changerelay relay: could not apply a transaction (attempt {} of {}): {e}",
+                        attempt + 1,
+                        RETRY_BACKOFF.len()
+                    );
+                    last_error = e;
+                }
+            }
+            if !pause(*backoff) {
+                return None;
+            }
+        }
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match self.persister.dead_letter(frames, span, &last_error) {
+                Ok(applied) => {
+                    let event_id = applied.updates.last_commit.map_or(0, |c| c.event_id);
+                    warning!(
+                        "pg_changerelay relay: transaction {} ({} changes) could not be applied and was recorded \
+                         in changerelay.dead_letters; the versions it touches were moved so caches reload: {last_error}",
+                        lsn_to_string(event_id),
+                        span.frames.saturating_sub(2)
+                    );
+                    if let Some(s) = shmem::shared() {
+                        s.status.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Some(applied);
+                }
+                Err(e) => {
+                    // Not even the dead letter can be written: the problem is
+                    // the database (disk full, read-only), not the data.
+                    warning!(
+                        "pg_changerelay relay: could not record a dead letter, retrying in {} s: {e}",
+                        wait.as_secs()
+                    );
+                    if !pause(wait) {
+                        return None;
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// After an applied batch committed: shared memory, status, watchers
+    /// and the endpoint.
+    fn publish(&mut self, applied: persist::Applied, confirmed: u64) {
+        let updates = &applied.updates;
+        let changed = !updates.labels.is_empty() || !updates.floors.is_empty() || !updates.rows.is_empty();
+        if changed {
+            apply_to_shared_memory(updates);
+        }
+        if let Some(s) = shmem::shared() {
+            if let Some(c) = updates.last_commit {
+                s.status.last_event_id.fetch_max(c.event_id, Ordering::AcqRel);
+                s.status
+                    .last_commit_ts
+                    .store(changerelay_core::time::unix_us_to_ms(c.commit_us), Ordering::Release);
+            }
+            s.status.confirmed_lsn.store(confirmed, Ordering::Release);
+            s.status.batches.fetch_add(1, Ordering::Relaxed);
+            s.status.changes.fetch_add(updates.changes, Ordering::Relaxed);
+        }
+        if changed || updates.last_commit.is_some() {
+            shmem::broadcast();
+            if let Some(link) = self.link.as_mut() {
+                link.publish_batch(applied.fresh, updates);
+            }
+        }
+    }
+}
+
+/// Waits between retries of a transaction that failed to apply.
+const RETRY_BACKOFF: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_millis(2500),
+];
+
+/// Sleeps for `d` on the latch, serving interrupts; false on SIGTERM.
+fn pause(d: Duration) -> bool {
+    let deadline = std::time::Instant::now() + d;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || !wait(left, None) {
+            return !crate::compat::sigterm_received();
         }
     }
 }
@@ -267,6 +380,10 @@ impl Relay {
         let Ok(Some(cut)) = cut else { return };
         let done = BackgroundWorker::transaction(move || {
             Spi::run_with_args("DELETE FROM changerelay.history WHERE event_id <= $1", &[cut.into()])?;
+            Spi::run_with_args(
+                "DELETE FROM changerelay.history_metadata WHERE event_id <= $1",
+                &[cut.into()],
+            )?;
             Spi::run_with_args(
                 "UPDATE changerelay.history_horizon SET event_id = greatest(event_id, $1)",
                 &[cut.into()],

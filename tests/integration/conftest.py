@@ -19,7 +19,8 @@ PGTOOL = os.path.join(ROOT, "scripts", "pgtool.sh")
 
 # The extra clusters some tests start listen at fixed offsets from PORT (and their endpoints, as every
 # cluster's, at their port + 1000), so that one base (PGCR_PORT) moves them all.
-PORT_OFFSETS = {"small": -2, "nopreload": -3, "faults": -4, "foreign": -5, "endpoint": -9}
+PORT_OFFSETS = {"small": -2, "nopreload": -3, "faults": -4, "owner": -5, "sqlascii": -6, "foreign": -7,
+                "endpoint": -9}
 
 
 def extra_port(name):

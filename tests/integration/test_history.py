@@ -218,8 +218,8 @@ def test_retention_prunes_and_expires_old_cursors(db):
         db.execute("SELECT pg_reload_conf()")
         time.sleep(1.2)
         db.execute(f"INSERT INTO {table} VALUES (2, 't', 'b')")   # wakes the worker, which prunes
-        wait_until(lambda: db.execute("SELECT count(*) FROM changerelay.history WHERE label = %s AND identifier = '1'",
-                                      (label,)).fetchone()[0] == 0, what="pruning")
+        wait_until(lambda: db.execute("SELECT count(*) FROM changerelay.changes(NULL, %s) WHERE identifier = '1'",
+                                      ([label],)).fetchone()[0] == 0, what="pruning")
         with pytest.raises(psycopg.errors.SnapshotTooOld) as err:
             db.execute("SELECT * FROM changerelay.changes(%s)", (old,))
         assert "retention" in str(err.value) and "current_cursor()" in err.value.diag.message_hint

@@ -280,17 +280,21 @@ def test_disabled_worker_says_so(db, tracked):
 class ExtraCluster:
     """A cluster of its own in this major's work directory (or of major `pg`), on `port`."""
 
-    def __init__(self, name, port, extra_conf, pg=None):
+    def __init__(self, name, port, extra_conf, encoding="UTF8", pg=None):
         self.dir = os.path.join(WORK, name)
         self.port = port
         self.env = {**os.environ, "PG": str(pg or PG)}
         subprocess.run([CLUSTER, "stop", self.dir], check=False, env=self.env)
         subprocess.run(["rm", "-rf", self.dir], check=True)
         subprocess.run([CLUSTER, "start", self.dir, str(port)], check=True, timeout=120,
-                       env={**self.env, "EXTRA_CONF": extra_conf})
+                       env={**self.env, "EXTRA_CONF": extra_conf, "INITDB_ENCODING": encoding})
 
-    def connect(self):
-        return psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True)
+    def connect(self, dbname="postgres", user="postgres"):
+        return psycopg.connect(f"host=127.0.0.1 port={self.port} user={user} dbname={dbname}", autocommit=True)
+
+    def log(self):
+        with open(os.path.join(self.dir, "server.log"), errors="replace") as f:
+            return f.read()
 
     def stop(self):
         subprocess.run([CLUSTER, "stop", self.dir], check=False, timeout=120, env=self.env)

@@ -16,6 +16,7 @@ mod gucs;
 mod plugin;
 mod shmem;
 mod sql;
+mod txn;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -10,6 +10,7 @@
 
 use crate::errors::raise;
 use crate::shmem;
+use crate::sql::access::hide_by_row_security;
 use crate::sql::cursors::{self, check_cursor, cluster, not_expired};
 use crate::sql::jsonb::JsonbText;
 use crate::sql::require_preloaded;
@@ -200,40 +201,48 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
     let mut at = req.after.position();
     // SAFETY: a fresh snapshot for this read only, popped right after.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let read = Spi::connect(|client| loop {
-        let args: Vec<DatumWithOid<'_>> = vec![
-            (at.0.min(i64::MAX as u64) as i64).into(),
-            (at.1 as i64).into(),
-            req.labels.clone().into(),
-            page.into(),
-        ];
-        let table = client.select(SQL, None, &args)?;
-        let got = table.len();
-        for r in table {
-            let row = HistoryRow {
-                event_id: r.get::<i64>(1)?.unwrap_or(0) as u64,
-                pos: r.get::<i32>(2)?.unwrap_or(0) as u32,
-                ts: r.get::<i64>(3)?.unwrap_or(0),
-                relid: r.get::<pg_sys::Oid>(4)?.map_or(0, |o| o.to_u32()),
-                label: r.get::<String>(5)?.unwrap_or_default(),
-                frame: r.get::<Vec<u8>>(6)?.unwrap_or_default(),
-            };
-            at = (row.event_id, row.pos);
-            let mut view = view_or_marker(&row);
-            if req.filter.as_ref().is_some_and(|f| !view.matches(f)) {
-                continue;
+    let read = (|| -> Result<(), String> {
+        loop {
+            let args: Vec<DatumWithOid<'_>> = vec![
+                (at.0.min(i64::MAX as u64) as i64).into(),
+                (at.1 as i64).into(),
+                req.labels.clone().into(),
+                page.into(),
+            ];
+            let mut views = crate::sql::select_all(SQL, &args, |r| {
+                let row = HistoryRow {
+                    event_id: r.get::<i64>(1)?.unwrap_or(0) as u64,
+                    pos: r.get::<i32>(2)?.unwrap_or(0) as u32,
+                    ts: r.get::<i64>(3)?.unwrap_or(0),
+                    relid: r.get::<pg_sys::Oid>(4)?.map_or(0, |o| o.to_u32()),
+                    label: r.get::<String>(5)?.unwrap_or_default(),
+                    frame: r.get::<Vec<u8>>(6)?.unwrap_or_default(),
+                };
+                let mut view = view_or_marker(&row);
+                view.metadata = r.get::<String>(7)?;
+                Ok(view)
+            })
+            .map_err(|e| e.to_string())?;
+            let got = views.len();
+            if let Some(last) = views.last() {
+                at = (last.event_id, last.pos);
             }
-            view.metadata = r.get::<String>(7)?;
-            bytes += row.frame.len();
-            out.push(view);
-            if out.len() >= want || bytes >= req.max_bytes {
+            hide_by_row_security(&mut views)?;
+            for view in views {
+                if req.filter.as_ref().is_some_and(|f| !view.matches(f)) {
+                    continue;
+                }
+                bytes += view.new.as_ref().map_or(0, String::len) + view.old.as_ref().map_or(0, String::len);
+                out.push(view);
+                if out.len() >= want || bytes >= req.max_bytes {
+                    return Ok(());
+                }
+            }
+            if (got as i64) < page {
                 return Ok(());
             }
         }
-        if (got as i64) < page {
-            return Ok::<_, pgrx::spi::Error>(());
-        }
-    });
+    })();
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
     // Pruning deletes rows and moves the horizon in one transaction. Had it

@@ -1,5 +1,6 @@
 //! SQL functions in schema `changerelay`.
 
+pub mod access;
 pub mod cursors;
 pub mod history;
 mod jsonb;
@@ -41,29 +42,7 @@ pub fn select_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
     })
 }
 
-/// Errors unless the current role can SELECT every table tracked under
-/// `label` (superusers always can).
-pub fn check_label_access(label: &str) {
-    // SAFETY: reading the session's role on the main thread.
-    if unsafe { pgrx::pg_sys::superuser() } {
-        return;
-    }
-    let denied = select_one::<String>(
-        "SELECT string_agg(rel::text, ', ' ORDER BY rel::text) FROM changerelay.tracked_tables
-          WHERE label = $1 AND NOT pg_catalog.has_table_privilege(rel, 'SELECT')",
-        &[label.into()],
-    )
-    .ok()
-    .flatten();
-    if let Some(tables) = denied {
-        raise(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied for label \"{label}\""),
-            Some(format!("The current role cannot SELECT from {tables}.")),
-            format!("GRANT SELECT ON {tables} TO the role, or ask for other labels."),
-        );
-    }
-}
+pub use access::check_label_access;
 
 /// Runs a read-only query and maps every row with `f`.
 pub fn select_all<T>(

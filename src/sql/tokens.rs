@@ -2,13 +2,18 @@
 //! `revoke_token()`, `tokens()`.
 //!
 //! A token's secret is shown once; only its SHA-256 is stored. Tokens are
-//! managed by superusers and members of `changerelay_admin`. A committed
-//! change bumps a generation counter in shared memory and wakes the worker,
-//! which reloads the tokens and hands them to the endpoint (a revoked
-//! token's connections close within a second).
+//! managed by superusers and members of `changerelay_admin`, through these
+//! functions only: the admin role has no write privilege on the table, the
+//! functions write it as the extension's owner after their checks. A token
+//! acts with the privileges of the role that created it: it can only be
+//! created for labels that role may read, and the relay worker narrows it
+//! again to what the role may read whenever it serves it. Any committed
+//! change of the table (these functions, DELETE, TRUNCATE, a restore) bumps
+//! a generation counter through a trigger; the worker also reloads tokens
+//! every second, so a revoked token's connections close within a second.
 
 use crate::errors::raise;
-use crate::sql::{require_preloaded, select_one};
+use crate::sql::{access, require_preloaded, select_one};
 use changerelay_core::versions::valid_label;
 use pgrx::prelude::*;
 
@@ -29,12 +34,13 @@ CREATE TABLE changerelay.tokens (
     labels text[] NOT NULL,
     rows_allowed boolean NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
-    created_by name NOT NULL DEFAULT current_user
+    created_by name NOT NULL DEFAULT current_user,
+    -- The role whose privileges bound what the token may read.
+    creator oid NOT NULL
 );
 SELECT pg_catalog.pg_extension_config_dump('changerelay.tokens', '');
 REVOKE ALL ON changerelay.tokens FROM PUBLIC;
-GRANT SELECT (name, labels, rows_allowed, created_at, created_by), INSERT, DELETE
-   ON changerelay.tokens TO changerelay_admin;
+GRANT SELECT (name, labels, rows_allowed, created_at, created_by) ON changerelay.tokens TO changerelay_admin;
 "#,
     name = "token_tables",
     requires = ["tracking_tables"]
@@ -46,10 +52,23 @@ REVOKE EXECUTE ON FUNCTION changerelay.create_token(text, text[], boolean) FROM 
 REVOKE EXECUTE ON FUNCTION changerelay.revoke_token(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION changerelay.create_token(text, text[], boolean) TO changerelay_admin;
 GRANT EXECUTE ON FUNCTION changerelay.revoke_token(text) TO changerelay_admin;
+REVOKE EXECUTE ON FUNCTION changerelay.tokens_changed() FROM PUBLIC;
+CREATE TRIGGER tokens_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON changerelay.tokens
+    FOR EACH STATEMENT EXECUTE FUNCTION changerelay.tokens_changed();
 "#,
     name = "token_grants",
-    requires = [create_token, revoke_token]
+    requires = [create_token, revoke_token, tokens_changed]
 );
+
+/// Trigger on `changerelay.tokens`: whatever changed the table, the token
+/// generation moves when the transaction commits.
+#[pg_trigger]
+fn tokens_changed<'a>(
+    _trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::pgbox::AllocatedByPostgres>>, std::convert::Infallible> {
+    crate::shmem::tokens_changed_at_commit();
+    Ok(None)
+}
 
 /// Errors unless the role may manage tokens.
 fn require_token_admin() {
@@ -121,6 +140,18 @@ fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) ->
     for label in &labels {
         check_name("label", label);
     }
+    // A token reads with its creator's privileges: it may only be made for
+    // labels the creator can read (checked again whenever it is served).
+    // SAFETY: reading the session's role.
+    if !unsafe { pg_sys::superuser() } {
+        for label in &labels {
+            if !crate::sql::label_known(label) {
+                crate::sql::unknown_label(label);
+            }
+            crate::sql::check_label_access(label);
+        }
+    }
+    let creator = access::current_role();
     let exists = select_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM changerelay.tokens WHERE name = $1)",
         &[name.into()],
@@ -137,20 +168,28 @@ fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) ->
         );
     }
     let secret = new_secret();
-    let inserted = Spi::run_with_args(
-        "INSERT INTO changerelay.tokens (name, secret_sha256, labels, rows_allowed)
-         VALUES ($1, pg_catalog.sha256(pg_catalog.convert_to($2, 'UTF8')), $3, $4)",
-        &[name.into(), secret.as_str().into(), labels.into(), rows.into()],
-    );
+    let inserted = access::as_role(access::extension_owner(), || {
+        Spi::run_with_args(
+            "INSERT INTO changerelay.tokens (name, secret_sha256, labels, rows_allowed, created_by, creator)
+             VALUES ($1, pg_catalog.sha256(pg_catalog.convert_to($2, 'UTF8')), $3, $4,
+                     (SELECT rolname FROM pg_catalog.pg_roles WHERE oid = $5), $5)",
+            &[
+                name.into(),
+                secret.as_str().into(),
+                labels.into(),
+                rows.into(),
+                creator.into(),
+            ],
+        )
+    });
     if let Err(e) = inserted {
         raise(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             format!("could not store the token: {e}"),
             None,
-            "",
+            "Retry; if it persists, check the server log.",
         );
     }
-    crate::shmem::tokens_changed_at_commit();
     secret
 }
 
@@ -159,12 +198,14 @@ fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) ->
 fn revoke_token(name: &str) {
     require_preloaded();
     require_token_admin();
-    let deleted = Spi::connect_mut(|c| {
-        c.update("DELETE FROM changerelay.tokens WHERE name = $1", None, &[name.into()])
-            .map(|t| t.len())
+    let deleted = access::as_role(access::extension_owner(), || {
+        Spi::connect_mut(|c| {
+            c.update("DELETE FROM changerelay.tokens WHERE name = $1", None, &[name.into()])
+                .map(|t| t.len())
+        })
     });
     match deleted {
-        Ok(n) if n > 0 => crate::shmem::tokens_changed_at_commit(),
+        Ok(n) if n > 0 => {}
         Ok(_) => raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             format!("token \"{name}\" does not exist"),

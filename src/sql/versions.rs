@@ -109,8 +109,25 @@ fn from_shared_memory(label: &str) -> Option<LabelVersions> {
 
 fn label_versions(label: &str) -> LabelVersions {
     require_preloaded();
-    // Row identifiers are row data: only for roles that can read the tables.
+    // Row identifiers are row data: only for roles that can read the tables,
+    // and under row-level security only those of rows the role can see.
     crate::sql::check_label_access(label);
+    let mut lv = all_label_versions(label);
+    let ids: Vec<String> = lv.rows.iter().map(|(id, _)| id.clone()).collect();
+    match crate::sql::access::visible_identifiers(label, &ids) {
+        Ok(None) => {}
+        Ok(Some(shown)) => lv.rows.retain(|(id, _)| shown.contains(id)),
+        Err(e) => crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("could not check row-level security for label \"{label}\": {e}"),
+            None,
+            "Check the policies of the label's tables.",
+        ),
+    }
+    lv
+}
+
+fn all_label_versions(label: &str) -> LabelVersions {
     if loaded() {
         return match from_shared_memory(label) {
             Some(lv) => lv,
@@ -136,6 +153,19 @@ fn label_versions(label: &str) -> LabelVersions {
 #[pg_extern(stable, parallel_safe)]
 fn version(label: &str, identifier: default!(Option<&str>, "NULL")) -> Option<i64> {
     require_preloaded();
+    // SAFETY: reading the session's role.
+    if !unsafe { pg_sys::superuser() } {
+        // Whether a row exists is row data too.
+        crate::sql::check_label_access(label);
+        if let Some(id) = identifier {
+            let hidden = crate::sql::access::visible_identifiers(label, &[id.to_string()])
+                .map(|shown| shown.is_some_and(|s| !s.contains(id)))
+                .unwrap_or(true);
+            if hidden {
+                return None;
+            }
+        }
+    }
     if loaded() {
         let found = shmem::with_map(|m| match identifier {
             None => match m.all(label) {

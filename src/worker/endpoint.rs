@@ -31,6 +31,8 @@ const REQUESTS_PER_TURN: usize = 256;
 const MAX_PAGE: u32 = 10_000;
 /// Status is republished at least this often (lag moves without batches).
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// Tokens are reloaded at least this often.
+const TOKENS_EVERY: Duration = Duration::from_secs(1);
 
 /// (consuming, state, last event id, head event id, labels generation).
 type StatusKey = (bool, u32, u64, u64, u64);
@@ -38,7 +40,8 @@ type StatusKey = (bool, u32, u64, u64, u64);
 pub struct Link {
     endpoint: ep::Endpoint,
     port: ep::WorkerPort,
-    tokens_seen: Option<u64>,
+    /// The token generation last loaded, when, and what was published.
+    tokens_seen: Option<(u64, Instant, Vec<ep::Token>)>,
     /// What the last published status showed (see `publish_status`), and when.
     last_status: Option<(StatusKey, Instant)>,
     /// Bumped whenever `labels` is reloaded.
@@ -254,9 +257,16 @@ impl Link {
         self.endpoint.publish(ep::ToEndpoint::Reply { id, result });
     }
 
+    /// Reloads the tokens when a commit changed them, and at least every
+    /// [`TOKENS_EVERY`] (privileges of their creators change without
+    /// touching the table); publishes them when they differ.
     fn refresh_tokens(&mut self, installed: bool) {
         let generation = shmem::shared().map_or(0, |s| s.status.tokens_generation.load(Ordering::Acquire));
-        if self.tokens_seen == Some(generation) {
+        let due = match &self.tokens_seen {
+            Some((g, at, _)) => *g != generation || at.elapsed() >= TOKENS_EVERY,
+            None => true,
+        };
+        if !due {
             return;
         }
         let tokens = if installed {
@@ -264,8 +274,11 @@ impl Link {
         } else {
             Vec::new()
         };
-        self.endpoint.publish(ep::ToEndpoint::Tokens(tokens));
-        self.tokens_seen = Some(generation);
+        let changed = self.tokens_seen.as_ref().is_none_or(|(_, _, last)| *last != tokens);
+        if changed {
+            self.endpoint.publish(ep::ToEndpoint::Tokens(tokens.clone()));
+        }
+        self.tokens_seen = Some((generation, Instant::now(), tokens));
     }
 
     /// Publishes the status when what clients see of it changed (state,
@@ -437,9 +450,16 @@ fn load_labels() -> Vec<String> {
     })
 }
 
+/// The tokens, each narrowed to the labels its creator may read now (a
+/// creator that lost SELECT, or a label that gained a table the creator can
+/// not read, takes the label out; a dropped creator, every label).
 fn load_tokens() -> Vec<ep::Token> {
     select_all(
-        "SELECT name, secret_sha256, labels, rows_allowed FROM changerelay.tokens",
+        "SELECT t.name, t.secret_sha256,
+                ARRAY(SELECT l FROM pg_catalog.unnest(t.labels) AS l
+                       WHERE coalesce(changerelay.label_readable(l, t.creator), false)),
+                t.rows_allowed
+           FROM changerelay.tokens t ORDER BY t.name",
         &[],
         |r| {
             let hash = r.get::<Vec<u8>>(2)?.unwrap_or_default();

@@ -24,7 +24,6 @@ mod endpoint;
 mod frames;
 mod persist;
 mod settings;
-mod txn;
 
 use decoder::Decoder;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};

@@ -17,7 +17,7 @@
 //! versions it touches move, so caches reload; the relay goes on.
 
 use super::frames::{FrameBuffer, Span};
-use super::txn::try_transaction;
+use crate::txn::try_transaction;
 use changerelay_core::apply::VersionUpdates;
 use changerelay_core::binary;
 use changerelay_core::event::Event;

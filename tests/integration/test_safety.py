@@ -49,7 +49,8 @@ def still_relaying(db):
     start = cursor(db)
     db.execute(f"INSERT INTO {table} VALUES (1)")
     (row,) = caught_up(db, label, 1, start)
-    assert version(db, label, "1") == row[1]
+    # Shared memory moves right after the history commits.
+    wait_until(lambda: version(db, label, "1") == row[1], what="the version moved")
 
 
 def test_values_jsonb_refuses_are_kept_and_the_relay_goes_on(db):
@@ -333,3 +334,126 @@ def test_ddl_on_a_tracked_table_interleaved_with_endpoint_and_sql_reads(db):
     st = db.execute("SELECT changerelay.status()").fetchone()[0]
     assert st["worker"]["state"] == "streaming"
     still_relaying(db)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Privileges, with real non-superuser roles
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def role(db, name, *grants):
+    db.execute(f"DROP ROLE IF EXISTS {name}")
+    db.execute(f"CREATE ROLE {name} LOGIN")
+    for g in grants:
+        db.execute(g.format(role=name))
+    return name
+
+
+def as_role(name):
+    return psycopg.connect(f"host=127.0.0.1 port={PORT} user={name} dbname=postgres", autocommit=True)
+
+
+def test_a_token_reads_only_what_its_creator_may_select(db):
+    payroll, payroll_label = fresh(db, "id int PRIMARY KEY, salary int")
+    public, public_label = fresh(db, "id int PRIMARY KEY, v text")
+    admin = role(db, "cr_tok_admin_" + uuid.uuid4().hex[:6], "GRANT changerelay_admin TO {role}",
+                 f"GRANT SELECT ON {public} TO {{role}}")
+    try:
+        with as_role(admin) as a:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+                a.execute("SELECT changerelay.create_token('cr_pay', %s, true)", ([payroll_label],))
+            assert payroll in str(err.value.diag.message_detail)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                a.execute("INSERT INTO changerelay.tokens VALUES ('x', sha256('s'), ARRAY['a'], true, now(), 'x', 10)")
+            name = "cr_pub_" + uuid.uuid4().hex[:6]
+            secret = a.execute("SELECT changerelay.create_token(%s, %s, true)", (name, [public_label])).fetchone()[0]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                a.execute("DELETE FROM changerelay.tokens")
+        db.execute(f"INSERT INTO {public} VALUES (1, 'a')")
+        wait_until(lambda: http(f"/changes?labels={public_label}&wait=0s", token=secret).status == 200,
+                   what="the token served")
+        # The creator loses SELECT: the token stops reading the label within about a second.
+        db.execute(f"REVOKE SELECT ON {public} FROM {admin}")
+        t0 = time.monotonic()
+        wait_until(lambda: http(f"/changes?labels={public_label}&wait=0s", token=secret).status == 403,
+                   timeout=5, what="the token narrowed")
+        print(f"token narrowed {time.monotonic() - t0:.2f} s after REVOKE")
+        # Back, then the label gains a table the creator can not read.
+        db.execute(f"GRANT SELECT ON {public} TO {admin}")
+        wait_until(lambda: http(f"/changes?labels={public_label}&wait=0s", token=secret).status == 200,
+                   timeout=5, what="the token widened again")
+        db.execute(f"CREATE TABLE {public}_more (id int PRIMARY KEY)")
+        db.execute("SELECT changerelay.track(%s, %s)", (f"{public}_more", public_label))
+        wait_until(lambda: http(f"/changes?labels={public_label}&wait=0s", token=secret).status == 403,
+                   timeout=5, what="the token narrowed by the new table")
+    finally:
+        db.execute("DELETE FROM changerelay.tokens WHERE created_by = %s", (admin,))
+        db.execute(f"DROP OWNED BY {admin}")
+        db.execute(f"DROP ROLE {admin}")
+
+
+def test_a_token_removed_by_delete_or_truncate_stops_within_a_second(db):
+    table, label = fresh(db, "id int PRIMARY KEY")
+    for how in ("DELETE FROM changerelay.tokens WHERE name = %s", "TRUNCATE changerelay.tokens"):
+        name = "cr_del_" + uuid.uuid4().hex[:6]
+        secret = db.execute("SELECT changerelay.create_token(%s, %s)", (name, [label])).fetchone()[0]
+        wait_until(lambda: http(f"/versions/{label}", token=secret).status == 200, what="token live")
+        db.execute(how, (name,) if "%s" in how else None)
+        t0 = time.monotonic()
+        wait_until(lambda: http(f"/versions/{label}", token=secret).status == 401, timeout=5, what="token gone")
+        assert time.monotonic() - t0 < 1.5, f"{how}: refused after {time.monotonic() - t0:.2f} s"
+
+
+def test_a_label_whose_last_table_is_untracked_is_not_public(db):
+    table, label = fresh(db, "id int PRIMARY KEY")
+    db.execute(f"INSERT INTO {table} VALUES (1)")
+    wait_until(lambda: version(db, label, "1"), what="a version")
+    reader = role(db, "cr_reader_" + uuid.uuid4().hex[:6], f"GRANT SELECT ON {table} TO {{role}}")
+    try:
+        with as_role(reader) as r:
+            assert r.execute("SELECT count(*) FROM changerelay.versions(%s)", (label,)).fetchone()[0] == 2
+            db.execute("SELECT changerelay.untrack(%s)", (table,))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                r.execute("SELECT * FROM changerelay.versions(%s)", (label,))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                r.execute("SELECT changerelay.version(%s, '1')", (label,))
+    finally:
+        db.execute(f"DROP OWNED BY {reader}")
+        db.execute(f"DROP ROLE {reader}")
+
+
+def test_row_level_security_is_honoured_in_history_and_versions(db):
+    table, label = fresh(db, "id int PRIMARY KEY, tenant text, v text")
+    db.execute(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+    db.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+    db.execute(f"CREATE POLICY own ON {table} FOR SELECT USING (tenant = current_user)")
+    a = role(db, "cr_ta_" + uuid.uuid4().hex[:6], f"GRANT SELECT ON {table} TO {{role}}")
+    b = role(db, "cr_tb_" + uuid.uuid4().hex[:6], f"GRANT SELECT ON {table} TO {{role}}")
+    try:
+        start = cursor(db)
+        db.execute(f"INSERT INTO {table} VALUES (1, %s, 'a1'), (2, %s, 'b1'), (3, %s, 'a2')", (a, b, a))
+        db.execute(f"UPDATE {table} SET v = 'b2' WHERE id = 2")
+        db.execute(f"DELETE FROM {table} WHERE id = 3")
+        db.execute(f"UPDATE {table} SET tenant = %s WHERE id = 1", (b,))  # moves out of a's sight
+        caught_up(db, label, 6, start)
+        with as_role(a) as ra:
+            got = [(r[2], r[3]) for r in changes(ra, start, label)]
+            assert got == [("insert", "1"), ("insert", "3"), ("delete", "3")], got
+            watched = ra.execute("SELECT op, identifier FROM changerelay.watch(%s, %s, '1 second')",
+                                 (start, [label])).fetchall()
+            assert watched == got
+            ids = [r[0] for r in ra.execute("SELECT identifier FROM changerelay.versions(%s)", (label,))]
+            assert ids == ["all"], "row 1 now belongs to b, 3 is gone: a sees no identifier"
+            assert ra.execute("SELECT changerelay.version(%s, '2')", (label,)).fetchone()[0] is None
+        with as_role(b) as rb:
+            got = [(r[2], r[3]) for r in changes(rb, start, label)]
+            assert got == [("insert", "2"), ("update", "2"), ("update", "1")], got
+            ids = [r[0] for r in rb.execute("SELECT identifier FROM changerelay.versions(%s)", (label,))]
+            assert ids == ["all", "1", "2"]
+            vmap = rb.execute("SELECT changerelay.version_map(%s)", (label,)).fetchone()[0]
+            assert set(vmap["data"]) == {"all", "1", "2"}
+            assert rb.execute("SELECT changerelay.version(%s, '2')", (label,)).fetchone()[0] is not None
+    finally:
+        for r in (a, b):
+            db.execute(f"DROP OWNED BY {r}")
+            db.execute(f"DROP ROLE {r}")

@@ -1,4 +1,4 @@
-//! Transactions the relay worker runs without letting an error end it.
+//! Transactions and subtransactions whose errors come back as values.
 
 use pgrx::pg_sys;
 use pgrx::PgTryBuilder;
@@ -39,4 +39,30 @@ pub fn try_transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, St
         }
     }
     result
+}
+
+/// Runs `f` in a subtransaction of the current transaction. A Postgres
+/// error (or an `Err`, or a panic) rolls the subtransaction back and comes
+/// back as text; the transaction goes on as PL/pgSQL's exception blocks do.
+pub fn try_subtransaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
+    // SAFETY: inside a transaction; the subtransaction is released or rolled
+    // back before returning, and the memory context and resource owner are
+    // restored as PL/pgSQL does.
+    unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cxt);
+        let result = PgTryBuilder::new(AssertUnwindSafe(f))
+            .catch_others(|e| Err(crate::errors::describe(&e)))
+            .execute();
+        if result.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(cxt);
+        pg_sys::CurrentResourceOwner = owner;
+        result
+    }
 }

@@ -3,8 +3,12 @@
 * pg_shmem_allocations row 'pg_changerelay' (src/shmem.rs) divided by changerelay.max_tracked_rows (it also
   holds the label table), next to status()->'tracked_rows'->'bytes_per_row';
 * VmRSS of the relay worker before and after opening 1,000 WebSocket connections that each subscribe to a label
-  (changes: true) and then stay idle, divided by 1,000.
+  (changes: true) and then stay idle, divided by 1,000;
+* one transaction of 10,000,000 inserted rows (1,000,000 with --quick) into a tracked table: the worker's peak RSS
+  (VmHWM after clear_refs, shared buffers it touched included) and peak RssAnon (sampled every 20 ms), and the
+  time from COMMIT to the last row's version being visible, as rows per second.
 """
+import threading
 import time
 
 import common
@@ -46,7 +50,51 @@ def idle_clients(b):
             "anon_bytes_per_client": (anon_during - anon_before) * 1024 / IDLE_CLIENTS}
 
 
+def large_transaction(b):
+    rows = 1_000_000 if b.quick else 10_000_000
+    with b.connect() as c:
+        c.execute("DROP TABLE IF EXISTS mem_big")
+        c.execute("CREATE TABLE mem_big (id int PRIMARY KEY, v text)")
+        common.track(c, "mem_big", "mem_big")
+    pid = common.worker_pid(b)
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+    anon = [common.rss_kb(pid, "RssAnon")]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            anon.append(common.rss_kb(pid, "RssAnon"))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with b.connect() as c:
+            c.execute(f"INSERT INTO mem_big SELECT g, 'row ' || g FROM generate_series(1, {rows}) g")
+            committed = time.monotonic()
+            while not c.execute("SELECT changerelay.version('mem_big', %s)", (str(rows),)).fetchone()[0]:
+                time.sleep(0.05)
+            applied = time.monotonic()
+    finally:
+        done.set()
+        sampler.join()
+    peak = common.rss_kb(pid, "VmHWM")
+    restarted = common.worker_pid(b) != pid
+    with b.connect() as c:
+        c.execute("SELECT changerelay.untrack('mem_big')")
+        c.execute("DROP TABLE mem_big")
+    return {"rows": rows, "worker_vmhwm_kb": peak, "worker_rss_anon_peak_kb": max(anon),
+            "apply_seconds": applied - committed, "rows_per_second": rows / (applied - committed),
+            "worker_restarted": restarted}
+
+
 def run(b):
+    t = large_transaction(b)
+    print(f"  one transaction of {t['rows']:,} rows: worker VmHWM {t['worker_vmhwm_kb'] // 1024} MB, RssAnon peak "
+          f"{t['worker_rss_anon_peak_kb'] // 1024} MB; applied in {t['apply_seconds']:.1f} s after COMMIT = "
+          f"{t['rows_per_second']:,.0f} rows/s{' (THE WORKER RESTARTED)' if t['worker_restarted'] else ''}",
+          flush=True)
     m = shared_map(b)
     print(f"  shared map: {m['allocation_bytes']:,} bytes / {m['max_tracked_rows']:,} rows = "
           f"{m['bytes_per_entry']:.1f} bytes per entry (status says {m['status_bytes_per_row']})", flush=True)
@@ -55,4 +103,4 @@ def run(b):
           f"for {i['clients']} = {i['bytes_per_client']:.0f} bytes per client "
           f"(RssAnon: {i['anon_bytes_per_client']:.0f} bytes per client; "
           f"VmRSS {i['worker_rss_kb_after_close']} kB after they closed)", flush=True)
-    return {"shared_map": m, "idle_websocket": i}
+    return {"shared_map": m, "idle_websocket": i, "large_transaction": t}

@@ -12,6 +12,7 @@
 //! | `changerelay.history_retention` | 24h | sighup |
 //! | `changerelay.max_value_size` | 16MB | sighup |
 //! | `changerelay.decoding_work_mem` | 32MB | sighup |
+//! | `changerelay.request_timeout` | 2s | sighup |
 //! | `changerelay.listen_addresses` | localhost | postmaster |
 //! | `changerelay.port` | 8432 (0: no endpoint) | postmaster |
 //! | `changerelay.max_clients` | 1024 | postmaster |
@@ -31,6 +32,7 @@ pub static BATCH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10000);
 pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86400);
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static DECODING_WORK_MEM_KB: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
+pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 /// Debug builds only: see [`debug_fail_label`].
 #[cfg(debug_assertions)]
 static DEBUG_FAIL_LABEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -109,6 +111,16 @@ pub fn define(preloading: bool) {
         i32::MAX / 1024,
         GucContext::Sighup,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.request_timeout",
+        c"Longest time the relay worker spends answering one endpoint request (history page, version map).",
+        c"A request past it is cancelled and its client gets an error; decoding is never held up longer.",
+        &REQUEST_TIMEOUT_MS,
+        10,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     #[cfg(debug_assertions)]
     GucRegistry::define_string_guc(
@@ -265,6 +277,10 @@ pub fn debug_fail_label() -> Option<String> {
 /// `changerelay.decoding_work_mem`, as a setting value in kB.
 pub fn decoding_work_mem_kb() -> i32 {
     DECODING_WORK_MEM_KB.get().max(64)
+}
+
+pub fn request_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(REQUEST_TIMEOUT_MS.get().max(10) as u64)
 }
 
 /// `changerelay.max_value_size` in bytes.

@@ -36,6 +36,7 @@ pub enum WorkerState {
     Disabled = 3,
     Streaming = 4,
     Loading = 5,
+    WaitingForUpdate = 6,
 }
 
 impl WorkerState {
@@ -46,6 +47,7 @@ impl WorkerState {
             3 => WorkerState::Disabled,
             4 => WorkerState::Streaming,
             5 => WorkerState::Loading,
+            6 => WorkerState::WaitingForUpdate,
             _ => WorkerState::NotRunning,
         }
     }
@@ -58,6 +60,7 @@ impl WorkerState {
             WorkerState::Disabled => "disabled",
             WorkerState::Streaming => "streaming",
             WorkerState::Loading => "loading versions",
+            WorkerState::WaitingForUpdate => "waiting for ALTER EXTENSION pg_changerelay UPDATE",
         }
     }
 }

@@ -66,3 +66,35 @@ pub fn try_subtransaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R,
         result
     }
 }
+
+// The server's timeout API (utils/timeout.h, not in pgrx's bindings).
+unsafe extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+}
+
+/// `STATEMENT_TIMEOUT` of `TimeoutId` (the fourth, in every supported major).
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+
+/// Runs `f` under a statement timeout of `limit`: past it, the statement
+/// under way is cancelled with the usual "canceling statement due to
+/// statement timeout" error (for the caller to catch, in a
+/// subtransaction). `statement_timeout` itself only covers statements a
+/// client sends, never a background worker's.
+pub fn with_statement_timeout<R>(limit: std::time::Duration, f: impl FnOnce() -> R) -> R {
+    let ms = limit.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_int;
+    // SAFETY: the timeout is registered for every backend with a database
+    // connection (InitPostgres), background workers included; it is
+    // disabled again on every path, and a cancel it may have raised after
+    // `f` returned is withdrawn so it can not hit the worker's next step.
+    unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms) };
+    PgTryBuilder::new(AssertUnwindSafe(f))
+        .finally(|| {
+            // SAFETY: as above.
+            unsafe {
+                disable_timeout(STATEMENT_TIMEOUT, false);
+                pg_sys::QueryCancelPending = 0;
+            }
+        })
+        .execute()
+}

@@ -134,6 +134,106 @@ impl ChangeView {
     }
 }
 
+/// A history row as version 0.1.0 stored it (JSON columns), for the upgrade
+/// to 0.2.0, which turns it into a frame.
+pub struct V1Row<'a> {
+    pub event_id: u64,
+    pub seq: u32,
+    pub ts: i64,
+    pub xid: u32,
+    pub relid: u32,
+    pub label: &'a str,
+    /// `schema.table`.
+    pub table_name: &'a str,
+    pub op: &'a str,
+    pub identifier: Option<&'a str>,
+    pub key: Option<&'a str>,
+    pub new: Option<&'a str>,
+    pub old: Option<&'a str>,
+}
+
+/// The frame that shows `row` as it was shown before: its JSON members
+/// become columns whose values render to the same JSON.
+pub fn v1_frame(row: &V1Row<'_>) -> Result<Vec<u8>, String> {
+    use crate::event::{Change, Column, Op, Scalar, Tracking, Truncate, TruncatedTable, TxnHeader, Value as V};
+    use std::borrow::Cow;
+    let txn = TxnHeader {
+        xid: row.xid,
+        event_id: row.event_id,
+        commit_us: row.ts.saturating_mul(1000),
+    };
+    let (schema, table) = row.table_name.split_once('.').unwrap_or(("", row.table_name));
+    let columns = |text: Option<&str>| -> Result<Option<Row<'static>>, String> {
+        let Some(text) = text else { return Ok(None) };
+        let members: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>> =
+            serde_json::from_str(text).map_err(|e| format!("history row {}/{}: {e}", row.event_id, row.seq))?;
+        let mut out = Vec::with_capacity(members.len());
+        for (name, raw) in members {
+            let text = raw.get();
+            let scalar = match text.as_bytes().first() {
+                Some(b'"') => Scalar::Text(Cow::Owned(
+                    serde_json::from_str::<String>(text).map_err(|e| e.to_string())?,
+                )),
+                Some(b't') => Scalar::Bool(true),
+                Some(b'f') => Scalar::Bool(false),
+                Some(b'n') => Scalar::Null,
+                // Numbers, objects and arrays are embedded as the JSON they were.
+                _ => Scalar::Json(Cow::Owned(text.to_string())),
+            };
+            out.push(Column {
+                name: Cow::Owned(name),
+                value: V::Scalar(scalar),
+            });
+        }
+        Ok(Some(out))
+    };
+    let event = match row.op {
+        "truncate" => Event::Truncate(Truncate {
+            txn,
+            seq: row.seq,
+            tables: vec![Cow::Owned(row.table_name.to_string())],
+            cascade: false,
+            restart_identity: false,
+            tracked: vec![TruncatedTable {
+                relid: row.relid,
+                table: Cow::Owned(row.table_name.to_string()),
+                label: Cow::Owned(row.label.to_string()),
+            }],
+        }),
+        op => Event::Change(Change {
+            txn,
+            seq: row.seq,
+            op: match op {
+                "insert" => Op::Insert,
+                "update" => Op::Update,
+                "delete" => Op::Delete,
+                other => {
+                    return Err(format!(
+                        "history row {}/{}: unknown op {other:?}",
+                        row.event_id, row.seq
+                    ))
+                }
+            },
+            schema: Cow::Owned(schema.to_string()),
+            table: Cow::Owned(table.to_string()),
+            key: columns(row.key)?,
+            new: columns(row.new)?,
+            old: columns(row.old)?,
+            unchanged_toast: Vec::new(),
+            tracking: Some(Tracking {
+                relid: row.relid,
+                label: Cow::Owned(row.label.to_string()),
+                identifier: row.identifier.map(|s| Cow::Owned(s.to_string())),
+                old_identifier: None,
+                unknown_identifier: false,
+            }),
+        }),
+    };
+    let mut out = Vec::new();
+    binary::write_event(&event, &mut out)?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +368,61 @@ mod tests {
         let v = row.view().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((v.op, v.table_name.as_str()), ("truncate", "public.b"));
         assert!(!v.matches(&f));
+    }
+
+    #[test]
+    fn a_v1_row_renders_as_it_did() {
+        let v1 = V1Row {
+            event_id: 42,
+            seq: 1,
+            ts: 7,
+            xid: 3,
+            relid: 9,
+            label: "l",
+            table_name: "public.t",
+            op: "update",
+            identifier: Some("1"),
+            key: Some(r#"{"id": 1}"#),
+            new: Some(
+                r#"{"id": 1, "n": 12345678901234567890.5, "doc": {"a": [1, "x"]}, "s": "t", "b": true, "z": null}"#,
+            ),
+            old: None,
+        };
+        let row = HistoryRow {
+            event_id: 42,
+            pos: 0,
+            ts: 7,
+            relid: 9,
+            label: "l".into(),
+            frame: v1_frame(&v1).unwrap_or_else(|e| panic!("{e}")),
+        };
+        let v = row.view().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (v.op, v.seq, v.xid, v.table_name.as_str()),
+            ("update", 1, 3, "public.t")
+        );
+        assert_eq!(v.identifier.as_deref(), Some("1"));
+        let new: serde_json::Value = serde_json::from_str(v.new.as_deref().unwrap_or("")).unwrap_or_default();
+        let was: serde_json::Value = serde_json::from_str(v1.new.unwrap_or("")).unwrap_or_default();
+        assert_eq!(new, was);
+        assert!(
+            v.new.as_deref().unwrap_or("").contains("12345678901234567890.5"),
+            "exact digits kept"
+        );
+        let t = V1Row {
+            op: "truncate",
+            key: None,
+            new: None,
+            ..v1
+        };
+        let row = HistoryRow {
+            frame: v1_frame(&t).unwrap_or_default(),
+            ..row
+        };
+        assert_eq!(
+            row.view().map(|v| (v.op, v.table_name)).ok(),
+            Some(("truncate", "public.t".to_string()))
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod jsonb;
 pub mod metadata;
 pub mod tokens;
 mod tracking;
+mod upgrade;
 pub mod versions;
 
 use crate::errors::raise;

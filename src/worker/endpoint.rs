@@ -25,8 +25,8 @@ use pgrx::prelude::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Requests answered per loop turn, so decoding is never starved.
-const REQUESTS_PER_TURN: usize = 256;
+/// Time a loop turn spends answering requests before decoding again.
+const TURN_BUDGET: Duration = Duration::from_millis(20);
 /// Largest history page a request may ask for.
 const MAX_PAGE: u32 = 10_000;
 /// Status is republished at least this often (lag moves without batches).
@@ -50,6 +50,8 @@ pub struct Link {
     labels_stale: bool,
     /// The cursor after everything applied; None until first read.
     head: Option<Cursor>,
+    /// Requests taken from the endpoint, not answered yet.
+    backlog: std::collections::VecDeque<ep::Request>,
 }
 
 /// Starts the endpoint when `changerelay.port` is not 0. Failures are
@@ -95,6 +97,7 @@ pub fn start() -> Option<Link> {
                 labels: Vec::new(),
                 labels_stale: true,
                 head: None,
+                backlog: std::collections::VecDeque::new(),
             })
         }
         Err(e) => failed(
@@ -217,23 +220,14 @@ impl Link {
         self.refresh_tokens(installed);
         self.publish_status();
         self.port.drain_wake();
-        let mut pending = Vec::new();
-        while pending.len() < REQUESTS_PER_TURN {
-            match self.port.try_recv() {
-                Some(r) => pending.push(r),
-                None => break,
-            }
+        while let Some(r) = self.port.try_recv() {
+            self.backlog.push_back(r);
         }
-        if pending.is_empty() {
+        if self.backlog.is_empty() {
             return;
         }
-        if pending.len() == REQUESTS_PER_TURN {
-            // More may be queued and their wake byte is drained: turn again soon.
-            // SAFETY: setting our own latch makes the next wait return at once.
-            unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
-        }
         if !installed {
-            for r in pending {
+            while let Some(r) = self.backlog.pop_front() {
                 self.reply(
                     r.id,
                     Err(internal("pg_changerelay is not installed in this database yet")),
@@ -241,15 +235,30 @@ impl Link {
             }
             return;
         }
+        // Requests get a slice of each turn, each under a time limit, so
+        // that decoding is never starved; the rest wait for the next turn.
         let labels = self.labels.clone();
+        let limit = gucs::request_timeout();
+        let turn_ends = Instant::now() + TURN_BUDGET;
+        let backlog = std::panic::AssertUnwindSafe(&mut self.backlog);
         let replies = BackgroundWorker::transaction(move || {
-            pending
-                .into_iter()
-                .map(|r| (r.id, guarded(|| answer(&r.kind, &labels))))
-                .collect::<Vec<_>>()
+            let backlog = backlog;
+            let mut replies = Vec::new();
+            while let Some(r) = backlog.0.pop_front() {
+                let result = guarded(|| crate::txn::with_statement_timeout(limit, || answer(&r.kind, &labels)));
+                replies.push((r.id, result));
+                if Instant::now() >= turn_ends {
+                    break;
+                }
+            }
+            replies
         });
         for (id, result) in replies {
             self.reply(id, result);
+        }
+        if !self.backlog.is_empty() {
+            // SAFETY: setting our own latch makes the next wait return at once.
+            unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
         }
     }
 

@@ -32,6 +32,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub const RESTART_DELAY: Duration = Duration::from_secs(2);
+/// The extension version this library implements.
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 const APP_NAME: &std::ffi::CStr = c"pg_changerelay relay";
 
 /// Registers the worker; from `_PG_init` while preloading.
@@ -100,6 +102,7 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         last_prune: None,
         link: endpoint::start(),
         persister: persist::Persister::default(),
+        waiting_for_update: None,
     };
     let mut sleep = Duration::ZERO;
     while wait(sleep, relay.link.as_ref().map(endpoint::Link::wake_fd)) {
@@ -156,6 +159,8 @@ struct Relay {
     last_prune: Option<std::time::Instant>,
     link: Option<endpoint::Link>,
     persister: persist::Persister,
+    /// The older extension version found installed, once warned about.
+    waiting_for_update: Option<String>,
 }
 
 impl Relay {
@@ -174,13 +179,30 @@ impl Relay {
             self.decoder = Some(Decoder::open(&self.slot));
         }
         if !self.installed {
-            let installed = BackgroundWorker::transaction(|| {
-                select_one::<bool>(
-                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_changerelay')",
+            let version = BackgroundWorker::transaction(|| {
+                select_one::<String>(
+                    "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_changerelay'",
                     &[],
                 )
             });
-            self.installed = matches!(installed, Ok(Some(true)));
+            match version {
+                Ok(Some(v)) if v == LIBRARY_VERSION => self.installed = true,
+                Ok(Some(v)) => {
+                    // The library was updated but the extension not yet: its
+                    // tables have the old shape. Decode nothing until the
+                    // update (the slot keeps every change meanwhile).
+                    if self.waiting_for_update.as_deref() != Some(v.as_str()) {
+                        warning!(
+                            "pg_changerelay relay: the extension is installed at version {v} and the library is \
+                             {LIBRARY_VERSION}; waiting for ALTER EXTENSION pg_changerelay UPDATE (changes are kept)"
+                        );
+                        self.waiting_for_update = Some(v);
+                    }
+                    set_state(WorkerState::WaitingForUpdate);
+                    return poll;
+                }
+                _ => {}
+            }
         }
         if self.installed && !shmem::shared().is_some_and(|s| s.status.loaded.load(Ordering::Acquire)) {
             set_state(WorkerState::Loading);

@@ -462,3 +462,17 @@ def test_row_level_security_is_honoured_in_history_and_versions(db):
         for r in (a, b):
             db.execute(f"DROP OWNED BY {r}")
             db.execute(f"DROP ROLE {r}")
+
+
+def test_installing_under_a_running_server_leaves_it_running(db):
+    """scripts/install.sh (what `make install`, `make run` and `make test` use) renames the new library into place:
+    the running postmaster, worker and backends keep the file they mapped."""
+    pid = worker_pid(db)
+    pg_config = os.environ.get("PGCR_PG_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
+    out = subprocess.run([os.path.join(ROOT, "scripts", "install.sh"), "--debug", pg_config],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    assert worker_pid(db) == pid, "the worker kept running"
+    still_relaying(db)

@@ -40,7 +40,7 @@ WORK        := $(CURDIR)/target/pg$(PG)
 IN_ROOT     := $(if $(filter 15,$(PG)),,scripts/root.sh run $(PG))
 CARGO       := $(IN_ROOT) env CARGO_TARGET_DIR=$(WORK) cargo
 # Installs by rename, never rewriting a library a running server has mapped.
-INSTALL     := $(IN_ROOT) env CARGO_TARGET_DIR=$(WORK) scripts/install.sh
+INSTALL     := $(if $(IN_ROOT),$(CURDIR)/$(IN_ROOT)) env CARGO_TARGET_DIR=$(WORK) $(CURDIR)/scripts/install.sh
 HOST_CARGO  := env CARGO_TARGET_DIR=$(CURDIR)/target/pg15 cargo
 FEATURES    := --no-default-features --features pg$(PG)
 RUN_DIR     := $(WORK)/run-cluster
@@ -116,6 +116,7 @@ test-integration:
 	@PG=$(PG) scripts/cluster.sh start $(TEST_DIR) $(PGCR_PORT)
 	@PG=$(PG) PGCR_PORT=$(PGCR_PORT) PGCR_DATA=$(TEST_DIR) PGCR_WORK=$(WORK) \
 	  PGCR_LIB=$(WORK)/debug/libpg_changerelay.so PGCR_FOREIGN_PG=$(FOREIGN_PG) \
+	  PGCR_INSTALL="$(INSTALL) --debug $(PG_CONFIG) $(FEATURES)" \
 	  .venv/bin/pytest tests/integration $(PYTEST_ARGS); \
 	  status=$$?; \
 	  PG=$(PG) scripts/cluster.sh stop $(TEST_DIR); exit $$status

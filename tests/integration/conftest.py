@@ -1,6 +1,8 @@
 """Shared fixtures: a real cluster started by `make test-integration`."""
 import json
 import os
+import shlex
+import subprocess
 import uuid
 
 import psycopg
@@ -14,13 +16,23 @@ DATA = os.environ.get("PGCR_DATA", "")
 DSN = f"host=127.0.0.1 port={PORT} user=postgres dbname=postgres"
 # Where this major's build and extra clusters live (a per-major cargo target directory).
 WORK = os.environ.get("PGCR_WORK") or os.path.join(ROOT, "target", f"pg{PG}")
-# Runs the client programs (pg_recvlogical, ...) of the major under test: `[PGTOOL, "pg_recvlogical", ...]`.
+# Runs the client programs (pg_recvlogical, pg_config, ...) of the major under test: `[PGTOOL, "pg_recvlogical", ...]`.
 PGTOOL = os.path.join(ROOT, "scripts", "pgtool.sh")
+# The major's pg_config, as a path on its side (inside the root for 17 and 18), and where that side's files are
+# seen from here: "" for 15, the root's directory for 17 and 18.
+PG_CONFIG = f"/usr/lib/postgresql/{PG}/bin/pg_config"
+SERVER_FS = "" if PG == "15" else subprocess.run([os.path.join(ROOT, "scripts", "root.sh"), "path", PG],
+                                                 capture_output=True, text=True, check=True).stdout.strip()
+# Builds and installs this tree for the major under test, as `make test-integration` does (set by the Makefile).
+INSTALL = shlex.split(os.environ.get("PGCR_INSTALL", "")) or \
+    ([] if PG == "15" else [os.path.join(ROOT, "scripts", "root.sh"), "run", PG]) + \
+    ["env", f"CARGO_TARGET_DIR={WORK}", os.path.join(ROOT, "scripts", "install.sh"), "--debug", PG_CONFIG,
+     "--no-default-features", "--features", f"pg{PG}"]
 
 # The extra clusters some tests start listen at fixed offsets from PORT (and their endpoints, as every
 # cluster's, at their port + 1000), so that one base (PGCR_PORT) moves them all.
-PORT_OFFSETS = {"small": -2, "nopreload": -3, "faults": -4, "owner": -5, "sqlascii": -6, "foreign": -7,
-                "endpoint": -9}
+PORT_OFFSETS = {"small": -2, "nopreload": -3, "faults": -4, "owner": -5, "sqlascii": -6, "upgrade": -7,
+                "foreign": -8, "endpoint": -9}
 
 
 def extra_port(name):

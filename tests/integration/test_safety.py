@@ -11,7 +11,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import DATA, PORT, connect, extra_port
+from conftest import DATA, INSTALL, PORT, connect, extra_port
 from test_endpoint import http
 from test_relay import ROOT, ExtraCluster, version, wait_until
 
@@ -468,9 +468,7 @@ def test_installing_under_a_running_server_leaves_it_running(db):
     """scripts/install.sh (what `make install`, `make run` and `make test` use) renames the new library into place:
     the running postmaster, worker and backends keep the file they mapped."""
     pid = worker_pid(db)
-    pg_config = os.environ.get("PGCR_PG_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
-    out = subprocess.run([os.path.join(ROOT, "scripts", "install.sh"), "--debug", pg_config],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(INSTALL, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     with connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)

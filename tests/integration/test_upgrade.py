@@ -7,27 +7,31 @@ import time
 import uuid
 
 import psycopg
+import pytest
 
+from conftest import PG, PG_CONFIG, PGTOOL, SERVER_FS, WORK, extra_port
 from test_endpoint import http
 from test_relay import CLUSTER, ROOT, ExtraCluster, wait_until
 
 RELEASED = {"0.1.0": "388ee5b"}  # the commit each released version was built from
-PG_CONFIG = os.environ.get("PGCR_PG_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
-PORT = 5491
+# The majors each release was built for: 0.1.0's sources do not build on 18 (ReplicationSlotAcquire gained an
+# argument there), so no 0.1.0 ever ran on 18 and there is nothing to update from.
+RELEASED_FOR = {"0.1.0": ("15", "17")}
+PORT = extra_port("upgrade")
 
 
 def pg_config(flag):
-    return subprocess.run([PG_CONFIG, flag], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run([PGTOOL, "pg_config", flag], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def package(version):
-    out = os.path.join(ROOT, "target", f"package-released-{version}")
+    out = os.path.join(WORK, f"package-released-{version}")
     subprocess.run([os.path.join(ROOT, "scripts", "package-ref.sh"), RELEASED[version], out, PG_CONFIG],
                    check=True, timeout=1800)
     lib = out + pg_config("--pkglibdir")
     sql = out + pg_config("--sharedir") + f"/extension/pg_changerelay--{version}.sql"
     # The released version's install script sits beside the current one, as a package would put it.
-    shutil.copy(sql, pg_config("--sharedir") + "/extension/")
+    shutil.copy(sql, SERVER_FS + pg_config("--sharedir") + "/extension/")
     return lib
 
 
@@ -47,6 +51,8 @@ def snapshot(c, label, stored=False):
 
 
 def test_update_from_0_1_0_keeps_tracking_versions_history_tokens_and_grants():
+    if PG not in RELEASED_FOR["0.1.0"]:
+        pytest.skip(f"0.1.0 was never built for PostgreSQL {PG}")
     lib = package("0.1.0")
     cluster = ExtraCluster("test-cluster-upgrade", PORT, f"dynamic_library_path = '{lib}:$libdir'")
     reader = "cr_upg_" + uuid.uuid4().hex[:6]

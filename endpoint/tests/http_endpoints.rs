@@ -134,8 +134,11 @@ fn websocket_handshake_errors() {
     assert_eq!(r.status, 400, "version");
     let r = request_head(
         fake.addr,
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        &format!(
+            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            fake.addr
+        ),
     );
     assert_eq!(r.status, 101);
     assert_eq!(r.header("Sec-WebSocket-Accept"), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
@@ -154,8 +157,10 @@ fn malformed_and_unknown_requests() {
     assert_eq!(raw_request(fake.addr, "GARBAGE\0\r\n\r\n").status, 400);
 }
 
+/// hyper closes a connection whose request head is not complete within `header_timeout` (the hand-written
+/// parser used to answer 408 first).
 #[test]
-fn slow_header_sender_gets_408() {
+fn slow_header_sender_is_closed() {
     let fake = Fake::trust(); // header_timeout 500ms
     let mut s = TcpStream::connect(fake.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -166,7 +171,7 @@ fn slow_header_sender_gets_408() {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     let took = t.elapsed();
-    assert_eq!(parse_response(&buf).status, 408);
+    assert!(buf.is_empty(), "no response: {}", String::from_utf8_lossy(&buf));
     assert!(
         took >= Duration::from_millis(450) && took < Duration::from_secs(3),
         "{took:?}"

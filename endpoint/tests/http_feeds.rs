@@ -160,7 +160,7 @@ fn sse_events(reader: &mut BufReader<TcpStream>, n: usize) -> Vec<(Option<String
 fn sse_open(addr: std::net::SocketAddr, path: &str, headers: &str) -> BufReader<TcpStream> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n").as_bytes())
         .unwrap();
     let mut r = BufReader::new(s);
     let mut status = String::new();

@@ -41,7 +41,24 @@ pub fn token(secret: &str, labels: &[&str], rows: bool) -> Token {
         sha256: Sha256::digest(secret.as_bytes()).into(),
         labels: labels.iter().map(|s| s.to_string()).collect(),
         rows,
+        role: ROLE,
+        readable: (0..LABELS.len() as u32).map(relid_of_index).collect(),
     }
+}
+
+/// The role of test tokens.
+pub const ROLE: u32 = 16_384;
+
+fn relid_of_index(i: u32) -> u32 {
+    20_000 + i
+}
+
+/// The table OID the fake worker gives a label's rows.
+pub fn relid(label: &str) -> u32 {
+    LABELS
+        .iter()
+        .position(|l| *l == label)
+        .map_or(29_999, |i| relid_of_index(i as u32))
 }
 
 /// Everything the fake worker knows.
@@ -167,6 +184,11 @@ impl Handle {
                 new: Some(new.to_string()),
                 old: None,
                 metadata: Some(json!({"actor": "test"}).to_string()),
+                relid: relid(label),
+                audience: new
+                    .get("audience")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_u64).map(|r| r as u32).collect()),
             };
             w.versions
                 .entry(label.into())
@@ -188,6 +210,7 @@ impl Handle {
                 label: label.into(),
                 data: Value::Object(moved).to_string(),
             }],
+            rows_omitted: false,
         };
         // Published under the lock: replies (computed under it too) keep the worker's ordering.
         if let Some(e) = self.endpoint.lock().unwrap().as_ref() {
@@ -252,5 +275,6 @@ pub fn test_config(auth: Auth) -> Config {
         checkpoint_every: Duration::from_millis(300),
         max_client_message: 4096,
         header_timeout: Duration::from_millis(500),
+        ..Config::default()
     }
 }

@@ -8,7 +8,8 @@
 //!   it would pass the bound, and the caller pauses the feed at the last row queued and continues once the
 //!   queue drained ([`Outbox::want_resume`]). So a catching-up client is never cut, and never holds more than
 //!   the bound;
-//! - one message larger than the bound is still accepted when the queue is at most half full. It is
+//! - one large message (over half the bound, live or bulk) that does not fit is still accepted when the
+//!   queue is at most half full. It is
 //!   *exempt*: it does not count against the bound while it waits, so live messages queued behind it do not
 //!   cut the client because of it. A client can therefore not livelock on one large change, and a queue holds
 //!   at most the bound plus that one message.
@@ -90,6 +91,9 @@ impl Outbox {
         }
         if let Out::Data(d) = &out {
             if self.counted().saturating_add(d.len()) > self.limit {
+                if d.len() > self.limit / 2 && self.exempt_allowed() {
+                    return self.enqueue(out, true);
+                }
                 self.metrics.refused(Refusal::SlowClient);
                 self.close(CloseReason::Slow);
                 return;
@@ -112,11 +116,17 @@ impl Outbox {
             self.enqueue(Out::Data(text), false);
             return true;
         }
-        if self.exempt_bytes.get() == 0 && self.counted() <= self.limit / 2 {
+        if self.exempt_allowed() {
             self.enqueue(Out::Data(text), true);
             return true;
         }
         false
+    }
+
+    /// Whether a message that does not fit may go as the one exempt message: none is waiting and the queue
+    /// is at most half full.
+    fn exempt_allowed(&self) -> bool {
+        self.exempt_bytes.get() == 0 && self.counted() <= self.limit / 2
     }
 
     /// Whether a page of about `bytes` would fit now (else the feed waits for the queue to drain).
@@ -204,5 +214,13 @@ mod tests {
         assert!(o.close_reason().is_none());
         o.data(msg(200));
         assert_eq!(o.close_reason(), Some(CloseReason::Slow));
+        let live = Outbox::new(1000, Arc::new(Metrics::default()));
+        live.data(msg(3000));
+        assert!(
+            live.close_reason().is_none(),
+            "one large live message on an empty queue goes out"
+        );
+        live.data(msg(3000));
+        assert_eq!(live.close_reason(), Some(CloseReason::Slow), "a second one cuts");
     }
 }

@@ -74,6 +74,8 @@ pub struct World {
     pub page: usize,
     pub reply_delay: Duration,
     pub requests: Vec<Request>,
+    /// Most requests the fake worker held unanswered at once.
+    pub max_waiting: usize,
 }
 
 impl World {
@@ -117,6 +119,7 @@ impl Fake {
             page: 7,
             reply_delay: Duration::ZERO,
             requests: Vec::new(),
+            max_waiting: 0,
         }));
         let endpoint = Arc::new(Mutex::new(Some(endpoint)));
         let stop = Arc::new(AtomicBool::new(false));
@@ -162,6 +165,16 @@ impl Handle {
 
     /// Commits one transaction of `rows` (new rows as JSON) in `label` and publishes its batch.
     pub fn commit(&self, label: &str, rows: &[Value]) -> Vec<ChangeRow> {
+        self.commit_with(label, rows, false)
+    }
+
+    /// Like [`Handle::commit`], but the published batch leaves its rows out (`rows_omitted`), as the worker
+    /// does for a huge transaction: subscribers must fetch them from the history.
+    pub fn commit_omitted(&self, label: &str, rows: &[Value]) -> Vec<ChangeRow> {
+        self.commit_with(label, rows, true)
+    }
+
+    fn commit_with(&self, label: &str, rows: &[Value], omitted: bool) -> Vec<ChangeRow> {
         let mut w = self.world.lock().unwrap();
         w.event_id += 16;
         let event_id = w.event_id;
@@ -205,12 +218,12 @@ impl Handle {
         w.history.extend(changes.iter().cloned());
         let batch = Batch {
             head: w.head(),
-            changes: changes.clone(),
+            changes: if omitted { Vec::new() } else { changes.clone() },
             versions: vec![VersionDelta {
                 label: label.into(),
                 data: Value::Object(moved).to_string(),
             }],
-            rows_omitted: false,
+            rows_omitted: omitted,
         };
         // Published under the lock: replies (computed under it too) keep the worker's ordering.
         if let Some(e) = self.endpoint.lock().unwrap().as_ref() {

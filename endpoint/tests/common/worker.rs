@@ -37,6 +37,7 @@ pub fn worker_loop(
             queue.push((Instant::now(), r));
         }
         let mut w = world.lock().unwrap();
+        w.max_waiting = w.max_waiting.max(queue.len());
         let delay = w.reply_delay;
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = queue.drain(..).partition(|(t, _)| now >= *t + delay);

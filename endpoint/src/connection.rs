@@ -70,7 +70,13 @@ where
     loop {
         tokio::select! {
             biased;
-            _ = &mut http => return,
+            done = &mut http => {
+                // hyper's header timeout closed a connection that never authenticated: the same refusal.
+                if done.is_err_and(|e| e.is_timeout()) && !conn.is_authenticated() {
+                    shared.metrics.refused(Refusal::AuthTimeout);
+                }
+                return;
+            }
             how = conn.killed(), if closing.is_none() => match how {
                 Kill::Now => return,
                 Kill::Graceful => {

@@ -248,6 +248,17 @@ impl Handle {
         self.world.lock().unwrap().head()
     }
 
+    /// Waits until the endpoint accepts `secret` (the token list published before reached it).
+    pub fn wait_token(&self, secret: &str) {
+        let auth = format!("Bearer {secret}");
+        assert!(
+            clients::wait_until(Duration::from_secs(3), || {
+                clients::get(self.addr, "/changes?wait=0s&max=1", &[("Authorization", &auth)]).status != 401
+            }),
+            "token {secret} never accepted"
+        );
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }

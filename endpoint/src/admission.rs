@@ -7,7 +7,7 @@
 //! close: idle connections (slowloris, port scans) therefore cannot lock out a client that authenticates at
 //! once, and every unauthenticated connection is closed at its `auth_timeout` anyway (see `connection.rs`).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::{Rc, Weak};
@@ -15,8 +15,7 @@ use std::rc::{Rc, Weak};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::metrics::Refusal;
-use crate::server::Shared;
+use crate::metrics::{Metrics, Refusal};
 
 /// How a connection is to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +35,7 @@ pub(crate) struct ConnState {
     evicted: Cell<bool>,
     kill: Cell<Option<Kill>>,
     killed: Notify,
-    shared: Weak<Shared>,
+    admission: Weak<RefCell<Admission>>,
 }
 
 impl ConnState {
@@ -66,8 +65,8 @@ impl ConnState {
         if self.authenticated.replace(true) || self.evicted.get() {
             return;
         }
-        if let Some(shared) = self.shared.upgrade() {
-            if let Ok(mut a) = shared.admission.try_borrow_mut() {
+        if let Some(admission) = self.admission.upgrade() {
+            if let Ok(mut a) = admission.try_borrow_mut() {
                 a.unauthenticated = a.unauthenticated.saturating_sub(1);
             }
         }
@@ -76,10 +75,10 @@ impl ConnState {
 
 impl Drop for ConnState {
     fn drop(&mut self) {
-        let Some(shared) = self.shared.upgrade() else { return };
-        let Ok(mut a) = shared.admission.try_borrow_mut() else {
+        let Some(admission) = self.admission.upgrade() else {
             return;
         };
+        let Ok(mut a) = admission.try_borrow_mut() else { return };
         a.total = a.total.saturating_sub(1);
         if !self.authenticated.get() && !self.evicted.get() {
             a.unauthenticated = a.unauthenticated.saturating_sub(1);
@@ -92,7 +91,7 @@ impl Drop for ConnState {
             }
         }
         if a.total == 0 {
-            shared.idle.notify_one();
+            a.idle.notify_one();
         }
     }
 }
@@ -111,6 +110,8 @@ pub(crate) struct Admission {
     per_address: HashMap<IpAddr, usize>,
     /// Connections in accept order, for eviction and shutdown (dead ones are skipped and pruned).
     order: VecDeque<Weak<ConnState>>,
+    /// Signalled when the last connection closes.
+    idle: Rc<Notify>,
 }
 
 impl Admission {
@@ -123,11 +124,40 @@ impl Admission {
             unauthenticated: 0,
             per_address: HashMap::new(),
             order: VecDeque::new(),
+            idle: Rc::new(Notify::new()),
+        }
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn all_closed(this: &RefCell<Admission>) {
+        loop {
+            let idle = {
+                let a = this.borrow();
+                if a.total == 0 {
+                    return;
+                }
+                a.idle.clone()
+            };
+            idle.notified().await;
         }
     }
 
     /// Admits a connection, evicting the oldest unauthenticated one when those are at their limit.
-    pub fn admit(&mut self, peer: SocketAddr, local: SocketAddr, shared: &Rc<Shared>) -> Admit {
+    pub fn admit(this: &Rc<RefCell<Admission>>, peer: SocketAddr, local: SocketAddr, metrics: &Metrics) -> Admit {
+        let weak = Rc::downgrade(this);
+        let Ok(mut a) = this.try_borrow_mut() else {
+            return Admit::No(Refusal::MaxClients);
+        };
+        a.admit_as(weak, peer, local, metrics)
+    }
+
+    fn admit_as(
+        &mut self,
+        me: Weak<RefCell<Admission>>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        metrics: &Metrics,
+    ) -> Admit {
         if self.total >= self.max_total {
             return Admit::No(Refusal::MaxClients);
         }
@@ -135,7 +165,7 @@ impl Admission {
             return Admit::No(Refusal::PerAddress);
         }
         if self.unauthenticated >= self.max_unauthenticated {
-            self.evict_oldest_unauthenticated(shared);
+            self.evict_oldest_unauthenticated(metrics);
         }
         let conn = Rc::new(ConnState {
             peer,
@@ -145,7 +175,7 @@ impl Admission {
             evicted: Cell::new(false),
             kill: Cell::new(None),
             killed: Notify::new(),
-            shared: Rc::downgrade(shared),
+            admission: me,
         });
         self.total += 1;
         self.unauthenticated += 1;
@@ -157,7 +187,7 @@ impl Admission {
         Admit::Yes(conn)
     }
 
-    fn evict_oldest_unauthenticated(&mut self, shared: &Rc<Shared>) {
+    fn evict_oldest_unauthenticated(&mut self, metrics: &Metrics) {
         let victim = self
             .order
             .iter()
@@ -166,7 +196,7 @@ impl Admission {
         if let Some(c) = victim {
             c.evicted.set(true);
             self.unauthenticated = self.unauthenticated.saturating_sub(1);
-            shared.metrics.refused(Refusal::UnauthenticatedLimit);
+            metrics.refused(Refusal::UnauthenticatedLimit);
             c.kill(Kill::Now);
         }
         self.order.retain(|w| w.upgrade().is_some_and(|c| !c.evicted.get()));

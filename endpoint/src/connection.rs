@@ -16,7 +16,7 @@ use crate::admission::{ConnState, Kill};
 use crate::metrics::Refusal;
 use crate::request::Ctx;
 use crate::router;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::timed_io::TimedIo;
 
 /// Largest request head: beyond it hyper answers 431.

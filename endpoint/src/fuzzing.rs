@@ -11,13 +11,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::LocalSet;
 
-use crate::admission::Admit;
+use crate::admission::{Admission, Admit};
 use crate::api::{Status, ToEndpoint, Token};
 use crate::config::{Auth, Config};
 use crate::inbox::Inbound;
 use crate::metrics::Metrics;
 use crate::requests::RequestSender;
-use crate::server::{spawn, Shared};
+use crate::shared::{spawn, Shared};
 
 thread_local! {
     static RUNTIME: Option<tokio::runtime::Runtime> =
@@ -74,11 +74,12 @@ async fn one(bytes: &[u8], trust: bool) {
             readable: vec![1],
         }])));
     }
-    let conn = match shared
-        .admission
-        .borrow_mut()
-        .admit(([127, 0, 0, 1], 40000).into(), listen, &shared)
-    {
+    let conn = match Admission::admit(
+        &shared.admission,
+        ([127, 0, 0, 1], 40000).into(),
+        listen,
+        &shared.metrics,
+    ) {
         Admit::Yes(c) => c,
         Admit::No(_) => return,
     };

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tungstenite::Utf8Bytes;
 
-use crate::api::{Reply, ReplyError, Status, ToEndpoint, Token};
+use crate::api::{Reply, ReplyError, ReplyErrorKind, RequestKind, Status, ToEndpoint, Token};
 use crate::auth::{self, Principal};
 use crate::batch::{position, Pos};
 use crate::config::Config;
@@ -22,9 +22,8 @@ use crate::feed::{Feed, Phase};
 use crate::inbox::Inbound;
 use crate::metrics::{bump, Metrics};
 use crate::outbox::{CloseReason, Outbox};
-use crate::requests::{RequestSender, Requests};
-
-pub(crate) type ClientId = u64;
+pub(crate) use crate::requests::ClientId;
+use crate::requests::{Bucket, RequestSender, Requests, Waiting, WORKER_GONE};
 
 pub(crate) struct Client {
     pub outbox: Rc<Outbox>,
@@ -191,13 +190,61 @@ impl Hub {
     }
 
     fn on_reply(&mut self, id: u64, result: Result<Reply, ReplyError>) {
-        let Some(p) = self.answered(id) else { return };
-        match p {
-            crate::requests::Waiting::Oneshot(tx) => {
+        let Some(w) = self.requests.answered(id) else { return };
+        self.forget_request(&w);
+        self.pump();
+        match w {
+            Waiting::Oneshot(tx) => {
                 let _ = tx.send(result);
             }
-            crate::requests::Waiting::WsVersions { client, label } => self.versions_reply(client, label, id, result),
-            crate::requests::Waiting::Feed { client, feed } => self.feed_reply(client, feed, id, result),
+            Waiting::WsVersions { client, label } => self.versions_reply(client, label, id, result),
+            Waiting::Feed { client, feed } => self.feed_reply(client, feed, id, result),
+        }
+    }
+
+    /// The bucket of a client's requests: its token, or under trust the client itself.
+    pub fn bucket_of(&self, client: ClientId) -> Bucket {
+        self.clients
+            .get(&client)
+            .and_then(|c| c.who.as_ref())
+            .and_then(|w| w.token_key())
+            .map_or(Bucket::Client(client), Bucket::Token)
+    }
+
+    /// Asks the worker (in turn, see `requests.rs`); the request's id, or `Err` when the worker is gone.
+    pub fn request(&mut self, kind: RequestKind, waiting: Waiting, bucket: Bucket) -> Result<u64, String> {
+        let client = waiting.client();
+        let id = self.requests.queue(kind, waiting, bucket)?;
+        if let Some(c) = client.and_then(|c| self.clients.get_mut(&c)) {
+            c.outstanding += 1;
+        }
+        self.pump();
+        Ok(id)
+    }
+
+    fn forget_request(&mut self, w: &Waiting) {
+        if let Some(c) = w.client().and_then(|c| self.clients.get_mut(&c)) {
+            c.outstanding = c.outstanding.saturating_sub(1);
+        }
+    }
+
+    /// Sends what the request limits allow; requests that cannot be sent (worker gone) are answered with an
+    /// error.
+    fn pump(&mut self) {
+        let clients = &self.clients;
+        let (dropped, failed) = self.requests.pump(|w| match w {
+            Waiting::Oneshot(tx) => tx.is_closed(),
+            Waiting::WsVersions { client, .. } | Waiting::Feed { client, .. } => !clients.contains_key(client),
+        });
+        for w in &dropped {
+            self.forget_request(w);
+        }
+        for id in failed {
+            let error = ReplyError {
+                kind: ReplyErrorKind::Internal,
+                message: WORKER_GONE.into(),
+            };
+            self.on_reply(id, Err(error));
         }
     }
 

@@ -31,6 +31,7 @@ mod response;
 mod router;
 mod routes;
 mod server;
+mod shared;
 mod signals;
 mod sse;
 mod subscribe;

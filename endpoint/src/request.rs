@@ -13,7 +13,7 @@ use crate::messages;
 use crate::outbox::{CloseReason, Outbox};
 use crate::params::Query;
 use crate::response::Response;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// The parts of a request the handlers read.
 pub(crate) struct Head {

@@ -14,8 +14,10 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::api::{Reply, ReplyError, ReplyErrorKind, Request, RequestKind};
-use crate::hub::{ClientId, Hub};
+use crate::api::{Reply, ReplyError, Request, RequestKind};
+
+/// A hub client: a subscription, or a request waiting for the worker.
+pub(crate) type ClientId = u64;
 
 /// Queued requests a bucket may have before HTTP one-shot requests of it get 429.
 pub(crate) const ONESHOT_QUEUE: usize = 16;
@@ -42,7 +44,7 @@ pub(crate) enum Waiting {
 }
 
 impl Waiting {
-    fn client(&self) -> Option<ClientId> {
+    pub fn client(&self) -> Option<ClientId> {
         match self {
             Waiting::WsVersions { client, .. } | Waiting::Feed { client, .. } => Some(*client),
             Waiting::Oneshot(_) => None,
@@ -84,7 +86,7 @@ pub(crate) struct Requests {
     worker_gone: bool,
 }
 
-const WORKER_GONE: &str = "the relay worker is not running";
+pub(crate) const WORKER_GONE: &str = "the relay worker is not running";
 
 impl Requests {
     pub fn new(port: RequestSender, max_in_flight: usize, per_bucket: usize) -> Requests {
@@ -128,35 +130,21 @@ impl Requests {
     }
 }
 
-impl Hub {
-    /// The bucket of a client's requests: its token, or under trust the client itself.
-    pub fn bucket_of(&self, client: ClientId) -> Bucket {
-        self.clients
-            .get(&client)
-            .and_then(|c| c.who.as_ref())
-            .and_then(|w| w.token_key())
-            .map_or(Bucket::Client(client), Bucket::Token)
-    }
-
-    /// Queues a request for the worker; `Err` when the worker is gone.
-    pub fn request(&mut self, kind: RequestKind, waiting: Waiting, bucket: Bucket) -> Result<u64, String> {
-        if self.requests.worker_gone {
+impl Requests {
+    /// Queues a request; its id at once. `Err` when the worker is gone.
+    pub fn queue(&mut self, kind: RequestKind, waiting: Waiting, bucket: Bucket) -> Result<u64, String> {
+        if self.worker_gone {
             return Err(WORKER_GONE.into());
         }
-        let r = &mut self.requests;
-        let id = r.next_id;
-        r.next_id += 1;
-        if let Some(c) = waiting.client().and_then(|c| self.clients.get_mut(&c)) {
-            c.outstanding += 1;
-        }
-        let r = &mut self.requests;
-        let state = r.buckets.entry(bucket).or_default();
+        let id = self.next_id;
+        self.next_id += 1;
+        let state = self.buckets.entry(bucket).or_default();
         if state.queue.is_empty() {
-            r.turn.push_back(bucket);
+            self.turn.push_back(bucket);
         }
         state.queue.push_back(id);
-        r.queued += 1;
-        r.pending.insert(
+        self.queued += 1;
+        self.pending.insert(
             id,
             Pending {
                 waiting,
@@ -164,122 +152,82 @@ impl Hub {
                 kind: Some(kind),
             },
         );
-        self.pump();
         Ok(id)
     }
 
-    /// The waiter of an answered request (`None`: unknown or stale), freeing its slot.
-    pub(crate) fn answered(&mut self, id: u64) -> Option<Waiting> {
-        let p = self.requests.pending.remove(&id)?;
+    /// The waiter of an answered request (`None`: unknown), freeing its slot.
+    pub fn answered(&mut self, id: u64) -> Option<Waiting> {
+        let p = self.pending.remove(&id)?;
         if p.kind.is_none() {
-            let r = &mut self.requests;
-            r.in_flight = r.in_flight.saturating_sub(1);
-            if let Some(b) = r.buckets.get_mut(&p.bucket) {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            if let Some(b) = self.buckets.get_mut(&p.bucket) {
                 b.in_flight = b.in_flight.saturating_sub(1);
             }
-            r.cleanup(p.bucket);
+            self.cleanup(p.bucket);
         }
-        if let Some(c) = p.waiting.client().and_then(|c| self.clients.get_mut(&c)) {
-            c.outstanding = c.outstanding.saturating_sub(1);
-        }
-        self.pump();
         Some(p.waiting)
     }
 
-    fn stale(&self, w: &Waiting) -> bool {
-        match w {
-            Waiting::Oneshot(tx) => tx.is_closed(),
-            Waiting::WsVersions { client, .. } | Waiting::Feed { client, .. } => !self.clients.contains_key(client),
-        }
-    }
-
-    /// Sends queued requests while the limits allow, buckets taking turns.
-    fn pump(&mut self) {
-        let mut failed = Vec::new();
+    /// Sends queued requests while the limits allow, buckets taking turns. Returns the waiters dropped unsent
+    /// (`stale`: nobody waits any more) and, once the worker is found gone, every request that could not be
+    /// sent (still pending: answer them with an error).
+    pub fn pump(&mut self, stale: impl Fn(&Waiting) -> bool) -> (Vec<Waiting>, Vec<u64>) {
+        let (mut dropped, mut failed) = (Vec::new(), Vec::new());
         let mut blocked = 0;
-        while self.requests.in_flight < self.requests.max_in_flight && blocked < self.requests.turn.len() {
-            let Some(bucket) = self.requests.turn.pop_front() else {
-                break;
-            };
-            let per = self.requests.per_bucket;
-            let Some(state) = self.requests.buckets.get_mut(&bucket) else {
+        while self.in_flight < self.max_in_flight && blocked < self.turn.len() {
+            let Some(bucket) = self.turn.pop_front() else { break };
+            let Some(state) = self.buckets.get_mut(&bucket) else {
                 continue;
             };
-            if state.in_flight >= per {
-                self.requests.turn.push_back(bucket);
+            if state.in_flight >= self.per_bucket {
+                self.turn.push_back(bucket);
                 blocked += 1;
                 continue;
             }
             blocked = 0;
             let Some(id) = state.queue.pop_front() else { continue };
             if !state.queue.is_empty() {
-                self.requests.turn.push_back(bucket);
+                self.turn.push_back(bucket);
             }
-            self.requests.queued -= 1;
-            let stale = self.requests.pending.get(&id).is_none_or(|p| self.stale(&p.waiting));
-            if stale {
-                if let Some(p) = self.requests.pending.remove(&id) {
-                    if let Some(c) = p.waiting.client().and_then(|c| self.clients.get_mut(&c)) {
-                        c.outstanding = c.outstanding.saturating_sub(1);
-                    }
+            self.queued -= 1;
+            if self.pending.get(&id).is_none_or(|p| stale(&p.waiting)) {
+                if let Some(p) = self.pending.remove(&id) {
+                    dropped.push(p.waiting);
                 }
-                self.requests.cleanup(bucket);
+                self.cleanup(bucket);
                 continue;
             }
-            let r = &mut self.requests;
-            let Some(kind) = r.pending.get_mut(&id).and_then(|p| p.kind.take()) else {
+            let Some(kind) = self.pending.get_mut(&id).and_then(|p| p.kind.take()) else {
                 continue;
             };
-            if r.worker_gone || r.port.tx.send(Request { id, kind }).is_err() {
-                r.worker_gone = true;
+            // Counted in flight from here: `answered` frees it, whether the worker answers or we fail it.
+            self.in_flight += 1;
+            if let Some(b) = self.buckets.get_mut(&bucket) {
+                b.in_flight += 1;
+            }
+            if self.worker_gone || self.port.tx.send(Request { id, kind }).is_err() {
+                self.worker_gone = true;
                 failed.push(id);
                 continue;
             }
             // A full socket already wakes the worker; nothing else can go wrong that retrying would fix.
-            let _ = (&r.port.wake).write(&[1]);
-            r.in_flight += 1;
-            if let Some(b) = r.buckets.get_mut(&bucket) {
-                b.in_flight += 1;
-            }
+            let _ = (&self.port.wake).write(&[1]);
         }
-        if self.requests.worker_gone {
-            // Everything still queued fails too, here, so answering does not recurse request by request.
-            let r = &mut self.requests;
-            for (_, b) in r.buckets.iter_mut() {
-                failed.extend(b.queue.drain(..));
+        if self.worker_gone {
+            // Everything still queued fails too, now, so answering does not recurse request by request.
+            for (_, b) in self.buckets.iter_mut() {
+                for id in b.queue.drain(..) {
+                    if let Some(p) = self.pending.get_mut(&id) {
+                        p.kind = None;
+                    }
+                    b.in_flight += 1;
+                    self.in_flight += 1;
+                    failed.push(id);
+                }
             }
-            r.turn.clear();
-            r.queued = 0;
-            for id in failed {
-                let Some(p) = self.requests.pending.remove(&id) else {
-                    continue;
-                };
-                let error = ReplyError {
-                    kind: ReplyErrorKind::Internal,
-                    message: WORKER_GONE.into(),
-                };
-                self.requests.pending.insert(id, Pending { kind: None, ..p });
-                self.in_flight_failed(id, error);
-            }
+            self.turn.clear();
+            self.queued = 0;
         }
-    }
-
-    /// Delivers a failure for a request that could not be sent.
-    fn in_flight_failed(&mut self, id: u64, e: ReplyError) {
-        // Counted as in flight so `answered` frees it the usual way.
-        self.requests.in_flight += 1;
-        if let Some(b) = self
-            .requests
-            .pending
-            .get(&id)
-            .map(|p| p.bucket)
-            .and_then(|b| self.requests.buckets.get_mut(&b))
-        {
-            b.in_flight += 1;
-        }
-        self.handle(crate::inbox::Inbound::Msg(crate::api::ToEndpoint::Reply {
-            id,
-            result: Err(e),
-        }));
+        (dropped, failed)
     }
 }

@@ -86,8 +86,8 @@ impl Response {
         *r.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let h = r.headers_mut();
         for (name, value) in self.headers {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.append(HeaderName::from_static(name), v);
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+                h.append(n, v);
             }
         }
         r

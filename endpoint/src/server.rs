@@ -2,21 +2,21 @@
 //! the worker's messages to the hub, the checkpoint timer, and the shutdown sequence. A panic in any task is
 //! carried to the dispatcher and ends the thread (its state may be inconsistent); `lib.rs` catches it so the
 //! listeners and the worker's channels are closed and the worker can start a new endpoint.
+//!
+//! Module layout, from the socket in: `server` accepts and asks `admission` whether a connection may stay;
+//! `connection` runs TLS and hyper on it; `router` sends each request to `routes` (health, metrics, versions),
+//! `longpoll`, `sse` or `ws`, after the `origin` checks, with `request` holding what handlers share. All of
+//! them reach the `hub` (subscriptions; `subscribe`, `fanout`, `feed`, `requests` to the worker) through
+//! `shared`. The worker's messages come in through `inbox`.
 
-use std::any::Any;
-use std::cell::{Cell, RefCell};
-use std::future::Future;
-use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio::task::{spawn_local, LocalSet};
 use tokio::time::{interval, sleep, timeout, MissedTickBehavior};
 use tokio_rustls::TlsAcceptor;
@@ -24,29 +24,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::admission::{Admission, Admit};
 use crate::config::Config;
 use crate::connection;
-use crate::hub::Hub;
 use crate::inbox::Inbox;
 use crate::metrics::{Metrics, Refusal};
 use crate::requests::RequestSender;
 use crate::response::Response;
-
-/// Everything the connection tasks share (all on the endpoint thread).
-pub(crate) struct Shared {
-    pub hub: RefCell<Hub>,
-    pub admission: RefCell<Admission>,
-    pub cfg: Config,
-    pub metrics: Arc<Metrics>,
-    pub tls: Option<TlsAcceptor>,
-    /// The bound addresses.
-    pub listen: Vec<SocketAddr>,
-    /// Signalled when the last connection closes.
-    pub idle: Notify,
-    /// Connections being refused right now (bounded, each lingers briefly).
-    refusing: Cell<usize>,
-    /// A task's panic, for the dispatcher to resume.
-    panicked: RefCell<Option<Box<dyn Any + Send>>>,
-    panic: Notify,
-}
+use crate::shared::{spawn, Shared};
 
 /// How long shutdown waits for clients to take their close frames.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(700);
@@ -56,19 +38,6 @@ pub(crate) struct Channels {
     pub inbox: Arc<Inbox>,
     pub stop: oneshot::Receiver<()>,
     pub port: RequestSender,
-}
-
-/// Spawns a task on the endpoint thread; its panic ends the thread (see the module comment).
-pub(crate) fn spawn(shared: &Rc<Shared>, task: impl Future<Output = ()> + 'static) {
-    let shared = Rc::downgrade(shared);
-    spawn_local(async move {
-        if let Err(p) = AssertUnwindSafe(task).catch_unwind().await {
-            if let Some(s) = shared.upgrade() {
-                s.panicked.borrow_mut().get_or_insert(p);
-                s.panic.notify_one();
-            }
-        }
-    });
 }
 
 /// The body of the endpoint thread; returns when stopped (or when the [`crate::Endpoint`] is gone), panics
@@ -83,38 +52,6 @@ pub(crate) fn run(
 ) {
     let local = LocalSet::new();
     local.block_on(&rt, serve(listeners, cfg, tls, metrics, ch));
-}
-
-impl Shared {
-    pub fn new(
-        cfg: Config,
-        metrics: Arc<Metrics>,
-        port: RequestSender,
-        tls: Option<TlsAcceptor>,
-        listen: Vec<SocketAddr>,
-    ) -> Rc<Shared> {
-        Rc::new(Shared {
-            hub: RefCell::new(Hub::new(cfg.clone(), metrics.clone(), port)),
-            admission: RefCell::new(Admission::new(
-                cfg.max_clients,
-                cfg.max_unauthenticated,
-                cfg.max_per_address,
-            )),
-            cfg,
-            metrics,
-            tls,
-            listen,
-            idle: Notify::new(),
-            refusing: Cell::new(0),
-            panicked: RefCell::new(None),
-            panic: Notify::new(),
-        })
-    }
-
-    /// The panic of a task, if one panicked.
-    pub fn take_panic(&self) -> Option<Box<dyn Any + Send>> {
-        self.panicked.borrow_mut().take()
-    }
 }
 
 async fn serve(
@@ -136,7 +73,7 @@ async fn serve(
     loop {
         tokio::select! {
             biased;
-            _ = shared.panic.notified() => {
+            _ = shared.panicked() => {
                 if let Some(p) = shared.take_panic() {
                     std::panic::resume_unwind(p);
                 }
@@ -155,12 +92,7 @@ async fn serve(
     }
     shared.hub.borrow_mut().shutdown_all();
     shared.admission.borrow_mut().kill_all();
-    let _ = timeout(SHUTDOWN_GRACE, async {
-        while shared.admission.borrow().total > 0 {
-            shared.idle.notified().await;
-        }
-    })
-    .await;
+    let _ = timeout(SHUTDOWN_GRACE, Admission::all_closed(&shared.admission)).await;
 }
 
 async fn accept_loop(listener: TcpListener, shared: Rc<Shared>) {
@@ -174,7 +106,7 @@ async fn accept_loop(listener: TcpListener, shared: Rc<Shared>) {
             }
         };
         let local = stream.local_addr().unwrap_or(peer);
-        let admitted = shared.admission.borrow_mut().admit(peer, local, &shared);
+        let admitted = Admission::admit(&shared.admission, peer, local, &shared.metrics);
         match admitted {
             Admit::Yes(conn) => spawn(&shared, connection::serve_tcp(stream, conn, shared.clone())),
             Admit::No(why) => {

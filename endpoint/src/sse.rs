@@ -15,7 +15,7 @@ use crate::outbox::Out;
 use crate::params::{parse_filter_text, parse_labels, parse_since, resolve_labels, LabelRefusal, Query};
 use crate::request::{authorize, bad_request, unavailable, Ctx, Head, Joined};
 use crate::response::{event_stream, HttpResponse, Response};
-use crate::server::spawn;
+use crate::shared::spawn;
 
 /// A change-feed request (SSE or long-poll), checked.
 pub(crate) struct FeedRequest {

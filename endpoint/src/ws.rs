@@ -24,7 +24,7 @@ use crate::metrics::Refusal;
 use crate::outbox::{CloseReason, Out};
 use crate::request::{authorize, bad_request, Ctx, Head, Joined};
 use crate::response::{Body, HttpResponse, Response};
-use crate::server::spawn;
+use crate::shared::spawn;
 
 pub(crate) const SLOW_REASON: &str = "slow client: send queue exceeded changerelay.client_buffer";
 

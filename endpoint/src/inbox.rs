@@ -80,11 +80,15 @@ impl Inbox {
 
     /// Queues a message from the worker; never blocks for longer than the queue's lock.
     pub fn publish(&self, msg: ToEndpoint) {
+        // Sized before taking the lock, so the endpoint thread never waits for it.
+        let bytes = match &msg {
+            ToEndpoint::Batch(b) => batch_bytes(b),
+            _ => 0,
+        };
         {
             let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             match msg {
                 ToEndpoint::Batch(b) => {
-                    let bytes = batch_bytes(&b);
                     if q.batch_bytes + bytes <= self.limit {
                         q.batch_bytes += bytes;
                         q.items.push_back((Inbound::Msg(ToEndpoint::Batch(b)), bytes));

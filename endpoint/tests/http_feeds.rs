@@ -237,3 +237,20 @@ fn sse_resumes_from_last_event_id() {
     let mut rest = String::new();
     r.read_to_string(&mut rest).expect("ends");
 }
+
+#[test]
+fn an_sse_client_that_goes_away_is_noticed() {
+    let fake = Fake::trust();
+    let r = sse_open(fake.addr, "/events?labels=parameters", "");
+    assert_eq!(
+        metric(fake.addr, "changerelay_endpoint_clients"),
+        2,
+        "the stream and the metrics request"
+    );
+    drop(r);
+    // Noticed at the latest when the next checkpoint (300 ms) fails to write.
+    assert!(wait_until(Duration::from_secs(3), || metric(
+        fake.addr,
+        "changerelay_endpoint_clients"
+    ) == 1));
+}

@@ -57,7 +57,7 @@ fn one_shot_requests_past_a_deep_queue_get_429() {
         .collect();
     let statuses: Vec<u16> = polls.into_iter().map(|p| p.join().unwrap()).collect();
     let refused = statuses.iter().filter(|s| **s == 429).count();
-    assert!(refused >= 1 && refused <= 30 - 20, "{statuses:?}");
+    assert!((1..=10).contains(&refused), "{statuses:?}");
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
     assert_eq!(
         metric(

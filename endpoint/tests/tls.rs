@@ -110,7 +110,7 @@ fn https_and_wss_with_a_generated_certificate() {
     .unwrap();
     let mut got = Vec::new();
     let mut committed = false;
-    while got.len() < 1 {
+    while got.is_empty() {
         let v: serde_json::Value = match ws.read().unwrap() {
             tungstenite::Message::Text(t) => serde_json::from_str(&t).unwrap(),
             _ => continue,

@@ -8,16 +8,17 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::admission::{ConnState, Kill};
 use crate::metrics::Refusal;
 use crate::request::Ctx;
+use crate::response::Response;
 use crate::router;
 use crate::shared::Shared;
-use crate::timed_io::TimedIo;
+use crate::timed_io::{SharedIo, TimedIo};
 
 /// Largest request head: beyond it hyper answers 431.
 pub(crate) const MAX_HEAD: usize = 16 * 1024;
@@ -54,6 +55,8 @@ where
         conn: conn.clone(),
     };
     let service = service_fn(move |req| router::handle(req, ctx.clone()));
+    let io = SharedIo::new(io);
+    let spare = io.clone();
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -71,9 +74,22 @@ where
         tokio::select! {
             biased;
             done = &mut http => {
-                // hyper's header timeout closed a connection that never authenticated: the same refusal.
-                if done.is_err_and(|e| e.is_timeout()) && !conn.is_authenticated() {
-                    shared.metrics.refused(Refusal::AuthTimeout);
+                // hyper gave up waiting for a request head (it only times out between responses): 408 when the
+                // client had started one, silence for an idle connection.
+                if done.is_err_and(|e| e.is_timeout()) {
+                    if !conn.is_authenticated() {
+                        shared.metrics.refused(Refusal::AuthTimeout);
+                    }
+                    if !spare.heard_since_answer() {
+                        return;
+                    }
+                    let r = Response::error(408, "timeout", "the request head did not arrive in time");
+                    let mut io = spare;
+                    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                        io.write_all(&r.to_wire()).await?;
+                        io.shutdown().await
+                    })
+                    .await;
                 }
                 return;
             }

@@ -76,6 +76,25 @@ impl Response {
         self
     }
 
+    /// The response as bytes on the wire, closing the connection (for answers written outside hyper).
+    pub fn to_wire(&self) -> Vec<u8> {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        for (name, value) in &self.headers {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+        out.push_str(&format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            self.body.len()
+        ));
+        out.push_str(&self.body);
+        out.into_bytes()
+    }
+
     pub fn into_http(self) -> HttpResponse {
         let body = if self.body.is_empty() {
             Body::Full(None)

@@ -130,15 +130,8 @@ async fn refuse(mut stream: TcpStream, why: Refusal, shared: Rc<Shared>) {
         ),
         _ => Response::error(503, "too_many_clients", "too many clients connected; retry later"),
     };
-    let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
-        r.status,
-        if r.status == 429 { "Too Many Requests" } else { "Service Unavailable" },
-        r.body.len()
-    );
     let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(r.body.as_bytes()).await?;
+        stream.write_all(&r.header("retry-after", "1").to_wire()).await?;
         stream.shutdown().await
     };
     let _ = timeout(Duration::from_millis(500), write).await;

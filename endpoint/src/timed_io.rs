@@ -114,3 +114,87 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
         self.progress(r, cx)
     }
 }
+
+/// The connection's byte stream, shared, so the server can still answer `408` on it after hyper gave up
+/// waiting for a request head (hyper closes without a word). It remembers whether the client sent anything
+/// since the server last wrote, to tell a slow request (408) from an idle keep-alive connection (closed
+/// silently). Only one task uses it at a time; the lock is never held across an await.
+pub(crate) struct SharedIo<I>(Arc<std::sync::Mutex<Shared<I>>>);
+
+struct Shared<I> {
+    io: I,
+    heard: bool,
+}
+
+impl<I> SharedIo<I> {
+    pub fn new(io: I) -> SharedIo<I> {
+        SharedIo(Arc::new(std::sync::Mutex::new(Shared { io, heard: false })))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Shared<I>) -> T) -> T {
+        let mut s = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut s)
+    }
+
+    /// Whether the client sent bytes after the server's last write (a request head is under way).
+    pub fn heard_since_answer(&self) -> bool {
+        self.with(|s| s.heard)
+    }
+}
+
+impl<I> Clone for SharedIo<I> {
+    fn clone(&self) -> Self {
+        SharedIo(self.0.clone())
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for SharedIo<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        self.with(|s| {
+            let before = buf.filled().len();
+            let r = Pin::new(&mut s.io).poll_read(cx, buf);
+            if buf.filled().len() > before {
+                s.heard = true;
+            }
+            r
+        })
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for SharedIo<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.with(|s| {
+            let r = Pin::new(&mut s.io).poll_write(cx, buf);
+            if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                s.heard = false;
+            }
+            r
+        })
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.with(|s| {
+            let r = Pin::new(&mut s.io).poll_write_vectored(cx, bufs);
+            if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                s.heard = false;
+            }
+            r
+        })
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.with(|s| s.io.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|s| Pin::new(&mut s.io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|s| Pin::new(&mut s.io).poll_shutdown(cx))
+    }
+}

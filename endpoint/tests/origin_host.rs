@@ -146,4 +146,10 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     }
     // One connection did all three.
     assert_eq!(metric(fake.addr, "changerelay_endpoint_clients"), 2);
+    // Idle for header_timeout (500 ms): closed without a word.
+    let t = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }

@@ -178,6 +178,14 @@ pub fn cursor_after(view: &ChangeView) -> Cursor {
     }
 }
 
+/// Bytes of the JSON texts of a row, as replies count them.
+pub fn text_bytes(v: &ChangeView) -> usize {
+    [&v.key, &v.new, &v.old, &v.metadata]
+        .iter()
+        .map(|t| t.as_ref().map_or(0, String::len))
+        .sum()
+}
+
 /// Rows read per query while a filter drops some of them.
 const FILTERED_PAGE: i64 = 1000;
 
@@ -232,7 +240,7 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
                 if req.filter.as_ref().is_some_and(|f| !view.matches(f)) {
                     continue;
                 }
-                bytes += view.new.as_ref().map_or(0, String::len) + view.old.as_ref().map_or(0, String::len);
+                bytes += text_bytes(&view);
                 out.push(view);
                 if out.len() >= want || bytes >= req.max_bytes {
                     return Ok(());

@@ -8,7 +8,7 @@ TEST_PORT   ?= 5498
 PGRX_DATA   := $(CURDIR)/target/pgrx-test-data
 PYTEST_ARGS ?=
 
-.PHONY: setup install run stop test test-unit test-pg test-integration bench-decode bench fmt clean
+.PHONY: setup install run stop test test-unit test-pg test-integration bench-decode bench fuzz fmt clean
 
 ## Install toolchain and packages (idempotent).
 setup:
@@ -59,6 +59,11 @@ bench-decode: install
 ## runs every workload, writes bench/out/results.{json,md,png}, stops the cluster. QUICK=1: under 3 minutes.
 bench: install
 	.venv/bin/python bench/run.py --no-install $(if $(QUICK),--quick)
+
+## Each fuzz target for FUZZ_SECONDS (default 60); installs cargo-fuzz when missing. Not part of `make test`.
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 fmt:
 	cargo fmt --all

@@ -8,7 +8,7 @@ TEST_PORT   ?= 5498
 PGRX_DATA   := $(CURDIR)/target/pgrx-test-data
 PYTEST_ARGS ?=
 
-.PHONY: setup install run stop test test-unit test-pg test-integration bench-decode bench fuzz fmt clean
+.PHONY: setup install run stop test lint test-unit test-pg test-integration bench-decode bench fuzz fmt clean
 
 ## Install toolchain and packages (idempotent).
 setup:
@@ -27,8 +27,13 @@ run: install
 stop:
 	@scripts/cluster.sh stop $(RUN_DIR)
 
-## Every test tier: pure unit tests, #[pg_test], integration tests on a real cluster.
-test: setup test-unit test-pg test-integration
+## Every test tier: lints, pure unit tests, #[pg_test], integration tests on a real cluster.
+test: setup lint test-unit test-pg test-integration
+
+## Formatting and clippy (warnings are errors; workspace lints in Cargo.toml).
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
 
 test-unit:
 	cargo test -p changerelay-core -p changerelay-endpoint

@@ -17,11 +17,12 @@ fn raise_nofile(n: u64) -> u64 {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY (test): getrlimit/setrlimit on a valid struct.
+    // SAFETY: (a test) getrlimit/setrlimit on a valid struct.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     let found = lim.rlim_cur;
     if lim.rlim_cur < n {
         lim.rlim_cur = n.min(lim.rlim_max);
+        // SAFETY: (a test) setrlimit with the struct getrlimit filled.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
     found

@@ -29,7 +29,7 @@ fn start_panic_detect_restart_serve() {
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY (test): one valid pollfd.
+    // SAFETY: (a test) one valid pollfd.
     assert_eq!(unsafe { libc::poll(&mut fds, 1, 1000) }, 1);
     assert_eq!(port.drain_wake(), Wake::Closed);
     assert!(port.try_recv().is_none() && port.is_closed());

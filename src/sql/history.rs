@@ -337,6 +337,8 @@ fn tuple(v: ChangeView) -> ChangeTuple {
 
 /// The changes strictly after `since` (NULL: the oldest retained), in commit
 /// order, at most `max_events`. Each row's cursor is the position after it.
+// pgrx spells the SQL row type out in the signature.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile)]
 fn changes(
     since: default!(Option<&str>, "NULL"),
@@ -372,6 +374,8 @@ fn interval_ms(i: &Interval) -> i64 {
 
 /// Like `changes()`, but when nothing follows `since` (NULL: now) it sleeps
 /// until the relay worker applies changes or `timeout` passes.
+// pgrx spells the SQL row type out in the signature.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile)]
 fn watch(
     since: default!(Option<&str>, "NULL"),

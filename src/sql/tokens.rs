@@ -240,6 +240,8 @@ fn revoke_token(name: &str) {
 }
 
 /// The tokens, without their secrets.
+// pgrx spells the SQL row type out in the signature.
+#[allow(clippy::type_complexity)]
 #[pg_extern(stable)]
 fn tokens() -> TableIterator<
     'static,

@@ -26,7 +26,7 @@ pub fn worker_loop(
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY (test): one valid pollfd.
+        // SAFETY: (a test) one valid pollfd.
         unsafe { libc::poll(&mut fds, 1, 2) };
         if port.drain_wake() == Wake::Closed {
             // The endpoint thread ended (a test killed it): nothing more to answer.

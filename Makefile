@@ -55,8 +55,8 @@ FOREIGN_PG_17 := 15
 FOREIGN_PG_18 := 17
 FOREIGN_PG  ?= $(FOREIGN_PG_$(PG))
 
-.PHONY: setup setup-all install run stop test test-all test-one test-major test-unit test-pg test-integration \
-        bench-decode bench fmt clean
+.PHONY: setup setup-all install run stop test test-all test-one test-major lint test-unit test-pg test-integration \
+        bench-decode bench fuzz fmt clean
 
 ## Install toolchain and packages (idempotent); for 17/18 also that major's root.
 setup:
@@ -78,16 +78,18 @@ run: install
 stop:
 	@PG=$(PG) scripts/cluster.sh stop $(RUN_DIR)
 
-## Every test tier: pure unit tests (once), then #[pg_test] and integration tests on a real cluster,
-## for PG, or for every major in PGS when no PG is given.
+## Every test tier: lints and pure unit tests (once, on the host), then #[pg_test] and integration tests
+## on a real cluster, for PG, or for every major in PGS when no PG is given.
 test: $(if $(TEST_EVERY_MAJOR),test-all,test-one)
 
 test-one: setup
+	@$(TIMED) "lint" $(MAKE) --no-print-directory lint
 	@$(TIMED) "unit tests" $(MAKE) --no-print-directory test-unit
 	@$(MAKE) --no-print-directory test-major PG=$(PG)
 
 test-all: setup-all
 	@rm -f target/times.log
+	@$(TIMED) "lint" $(MAKE) --no-print-directory lint
 	@$(TIMED) "unit tests" $(MAKE) --no-print-directory test-unit
 	@failed=""; for pg in $(PGS); do \
 	  $(TIMED) "PostgreSQL $$pg, all tiers" $(MAKE) --no-print-directory test-major PG=$$pg || failed="$$failed $$pg"; \
@@ -99,6 +101,11 @@ test-all: setup-all
 test-major:
 	@$(TIMED) "PostgreSQL $(PG): #[pg_test]" $(MAKE) --no-print-directory test-pg
 	@$(TIMED) "PostgreSQL $(PG): integration" $(MAKE) --no-print-directory test-integration
+
+## Formatting and clippy (warnings are errors; workspace lints in Cargo.toml); on the host, for 15.
+lint:
+	cargo fmt --all -- --check
+	$(HOST_CARGO) clippy --workspace --all-targets -- -D warnings
 
 test-unit:
 	$(HOST_CARGO) test -p changerelay-core -p changerelay-endpoint
@@ -134,6 +141,11 @@ bench-decode: install
 BENCH_OUT := $(CURDIR)/bench/out$(if $(filter 15,$(PG)),,/pg$(PG))
 bench: install
 	PG=$(PG) .venv/bin/python bench/run.py --no-install --port $(BENCH_PORT) --out $(BENCH_OUT) $(if $(QUICK),--quick)
+
+## Each fuzz target for FUZZ_SECONDS (default 60); installs cargo-fuzz when missing. Not part of `make test`.
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 fmt:
 	cargo fmt --all

@@ -74,6 +74,20 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
      WHERE r.oid = coalesce($2, (SELECT oid FROM pg_roles WHERE rolname = current_user))
 $$;
 
+-- Whether row-level security of a table tracked under label hides rows from
+-- role: RLS on, role neither superuser nor BYPASSRLS, and not the owner
+-- unless FORCE. Endpoint tokens can not carry such labels (their version
+-- maps are per label).
+CREATE FUNCTION changerelay.label_row_security_applies(label text, role oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM changerelay.tracked_tables t
+          JOIN pg_class c ON c.oid = t.rel
+          JOIN pg_roles r ON r.oid = $2
+         WHERE t.label = $1 AND c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls)
+           AND (c.relforcerowsecurity OR NOT pg_has_role(r.oid, c.relowner, 'USAGE')))
+$$;
+
 -- Tokens act with their creator's privileges; changerelay_admin writes them
 -- only through create_token()/revoke_token(); any change of the table
 -- reaches the endpoint through a trigger.

@@ -15,9 +15,17 @@
 //! | `changerelay.request_timeout` | 2s | sighup |
 //! | `changerelay.listen_addresses` | localhost | postmaster |
 //! | `changerelay.port` | 8432 (0: no endpoint) | postmaster |
-//! | `changerelay.max_clients` | 1024 | postmaster |
+//! | `changerelay.max_clients` | 512 | postmaster |
+//! | `changerelay.max_unauthenticated` | 64 | postmaster |
+//! | `changerelay.max_connections_per_address` | 64 | postmaster |
+//! | `changerelay.auth_timeout` | 5s | postmaster |
 //! | `changerelay.client_buffer` | 4MB | postmaster |
 //! | `changerelay.auth` | token | postmaster |
+//! | `changerelay.ssl_cert_file` | '' | postmaster |
+//! | `changerelay.ssl_key_file` | '' | postmaster |
+//! | `changerelay.allow_plaintext_tokens` | off | postmaster |
+//! | `changerelay.allowed_origins` | '' | postmaster |
+//! | `changerelay.allowed_hosts` | '' | postmaster |
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
@@ -38,7 +46,18 @@ pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 static DEBUG_FAIL_LABEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"localhost"));
 pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(8432);
-pub static MAX_CLIENTS: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static MAX_CLIENTS: GucSetting<i32> = GucSetting::<i32>::new(512);
+pub static MAX_UNAUTHENTICATED: GucSetting<i32> = GucSetting::<i32>::new(64);
+pub static MAX_PER_ADDRESS: GucSetting<i32> = GucSetting::<i32>::new(64);
+pub static AUTH_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static SSL_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SSL_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static ALLOW_PLAINTEXT_TOKENS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static ALLOWED_ORIGINS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static ALLOWED_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Debug builds only: `GET /debug/panic` kills the endpoint thread (tests).
+#[cfg(debug_assertions)]
+static DEBUG_ENDPOINT_PANIC: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static CLIENT_BUFFER_KB: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static AUTH: GucSetting<AuthMode> = GucSetting::<AuthMode>::new(AuthMode::Token);
 
@@ -189,6 +208,85 @@ pub fn define(preloading: bool) {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"changerelay.max_unauthenticated",
+        c"Endpoint connections that have not authenticated yet; past it the oldest of them is closed.",
+        c"Idle or slow connections can not lock out clients that authenticate at once.",
+        &MAX_UNAUTHENTICATED,
+        1,
+        1_000_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.max_connections_per_address",
+        c"Endpoint connections from one client IP address; more are answered 429.",
+        c"",
+        &MAX_PER_ADDRESS,
+        1,
+        1_000_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.auth_timeout",
+        c"Time an endpoint connection has to authenticate (TLS handshake and request included).",
+        c"",
+        &AUTH_TIMEOUT_MS,
+        100,
+        600_000,
+        GucContext::Postmaster,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"changerelay.ssl_cert_file",
+        c"PEM certificate chain for the endpoint: with ssl_key_file it serves https:// and wss:// only.",
+        c"Relative paths are relative to the data directory, as for ssl_cert_file.",
+        &SSL_CERT_FILE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"changerelay.ssl_key_file",
+        c"PEM private key of changerelay.ssl_cert_file.",
+        c"",
+        &SSL_KEY_FILE,
+        GucContext::Postmaster,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_bool_guc(
+        c"changerelay.allow_plaintext_tokens",
+        c"Accept token authentication on non-loopback addresses without TLS.",
+        c"Tokens then cross the network in clear text: only behind a TLS-terminating proxy on a private network.",
+        &ALLOW_PLAINTEXT_TOKENS,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"changerelay.allowed_origins",
+        c"Browser origins (scheme://host[:port], comma-separated) allowed to use the endpoint besides its own host.",
+        c"Protects against cross-site WebSocket hijacking; under auth = trust only loopback origins are accepted.",
+        &ALLOWED_ORIGINS,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"changerelay.allowed_hosts",
+        c"Host header values (name or name:port, comma-separated) the endpoint accepts besides its own addresses.",
+        c"Protects against DNS rebinding: requests naming another host are refused.",
+        &ALLOWED_HOSTS,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    #[cfg(debug_assertions)]
+    GucRegistry::define_bool_guc(
+        c"changerelay.debug_endpoint_panic",
+        c"Debug builds only: GET /debug/panic kills the endpoint thread.",
+        c"Tests that the worker notices a dead endpoint and starts it again. Not defined in release builds.",
+        &DEBUG_ENDPOINT_PANIC,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"changerelay.client_buffer",
         c"Bytes queued for one endpoint client before it is disconnected as too slow.",
         c"A slow client is closed with code 4001 and reconnects from its last cursor.",
@@ -298,6 +396,57 @@ pub fn port() -> u16 {
 
 pub fn max_clients() -> usize {
     MAX_CLIENTS.get().max(1) as usize
+}
+
+pub fn max_unauthenticated() -> usize {
+    MAX_UNAUTHENTICATED.get().max(1) as usize
+}
+
+pub fn max_connections_per_address() -> usize {
+    MAX_PER_ADDRESS.get().max(1) as usize
+}
+
+pub fn auth_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(AUTH_TIMEOUT_MS.get().max(100) as u64)
+}
+
+/// The endpoint's TLS files, when both are set: (certificate chain, key).
+pub fn endpoint_tls() -> Option<(String, String)> {
+    let cert = string(&SSL_CERT_FILE, "");
+    let key = string(&SSL_KEY_FILE, "");
+    (!cert.is_empty() || !key.is_empty()).then_some((cert, key))
+}
+
+pub fn allow_plaintext_tokens() -> bool {
+    ALLOW_PLAINTEXT_TOKENS.get()
+}
+
+fn list(setting: &GucSetting<Option<CString>>) -> Vec<String> {
+    string(setting, "")
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+pub fn allowed_origins() -> Vec<String> {
+    list(&ALLOWED_ORIGINS)
+}
+
+pub fn allowed_hosts() -> Vec<String> {
+    list(&ALLOWED_HOSTS)
+}
+
+/// Debug builds only: whether `GET /debug/panic` kills the endpoint thread.
+pub fn debug_endpoint_panic() -> bool {
+    #[cfg(debug_assertions)]
+    {
+        DEBUG_ENDPOINT_PANIC.get()
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        false
+    }
 }
 
 pub fn client_buffer_bytes() -> usize {

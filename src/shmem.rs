@@ -88,6 +88,8 @@ pub struct WorkerStatus {
     pub dead_letters: AtomicU64,
     /// Failed attempts to apply a transaction since start.
     pub apply_retries: AtomicU64,
+    /// Times the endpoint thread ended and was started again.
+    pub endpoint_restarts: AtomicU64,
 }
 
 #[repr(C)]

@@ -74,18 +74,16 @@ impl Filter {
                 .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
                 .as_ref()
                 .and_then(as_text)
-                .is_some_and(|v| values.iter().any(|x| *x == v))
+                .is_some_and(|v| values.contains(&v))
         })
     }
 
     /// Whether a row (a JSON object) matches every term.
     pub fn matches(&self, row: Option<&Map<String, Value>>) -> bool {
         let Some(row) = row else { return false };
-        self.terms.iter().all(|(col, values)| {
-            row.get(col)
-                .and_then(as_text)
-                .is_some_and(|v| values.iter().any(|x| *x == v))
-        })
+        self.terms
+            .iter()
+            .all(|(col, values)| row.get(col).and_then(as_text).is_some_and(|v| values.contains(&v)))
     }
 }
 

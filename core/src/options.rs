@@ -182,9 +182,12 @@ mod tests {
         assert_eq!(o.max_value_size, Some(4096));
     }
 
+    /// Options given, and the option the error must name.
+    type Case<'a> = (&'a [(&'a str, Option<&'a str>)], &'a str);
+
     #[test]
     fn errors_name_the_option() {
-        let cases: &[(&[(&str, Option<&str>)], &str)] = &[
+        let cases: &[Case<'_>] = &[
             (&[("fromat", Some("json"))], "fromat"),
             (&[("format", Some("xml"))], "format"),
             (&[("format", None)], "format"),

@@ -18,13 +18,24 @@ pub enum RequestKind {
     VersionMap { label: String },
     /// Changes strictly after `since` (a cursor the endpoint decoded successfully), at most `max`, in commit
     /// order, of these labels, filtered by `filter` (JSON text of a tenant filter): answer with [`Reply::History`].
+    ///
+    /// `max` is at most [`MAX_HISTORY_ROWS`]. `max_bytes` is a byte budget for the page: stop reading once the
+    /// rows returned so far reach it (the sum of the lengths of their text fields), but always return at least
+    /// one row when there is one, however large; `more` then says whether rows were left. `role` is the OID of
+    /// the token's creator (0 under `Auth::Trust`): read the history as that role, so its table privileges and
+    /// row-level security apply, and fill in [`ChangeRow::relid`] and [`ChangeRow::audience`].
     History {
         since: String,
         labels: Vec<String>,
         max: u32,
         filter: Option<String>,
+        max_bytes: u32,
+        role: u32,
     },
 }
+
+/// Most rows the endpoint asks for in one history request (and returns in one long-poll answer).
+pub const MAX_HISTORY_ROWS: u32 = 1000;
 
 /// Everything the worker tells the endpoint, in one ordered stream.
 #[derive(Debug, Clone)]
@@ -62,6 +73,12 @@ pub struct Token {
     pub labels: Vec<String>,
     /// Whether the token may read changes (rows); false: versions only.
     pub rows: bool,
+    /// OID of the role that created the token: history is read as this role, and a row whose
+    /// [`ChangeRow::audience`] is `Some` goes to this token only when it lists this role.
+    pub role: u32,
+    /// OIDs of the tables whose rows this token may receive (the worker computes them from the creator's
+    /// privileges); a change of any other table is never sent to it. Order does not matter.
+    pub readable: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,6 +87,9 @@ pub struct Batch {
     pub head: String,
     pub changes: Vec<ChangeRow>,
     pub versions: Vec<VersionDelta>,
+    /// The batch had changes but the worker left them out of `changes` (a huge transaction): every change
+    /// subscriber catches up from the history instead, from its own cursor. `versions` are still delivered.
+    pub rows_omitted: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -97,13 +117,19 @@ pub struct ChangeRow {
     pub new: Option<String>,
     pub old: Option<String>,
     pub metadata: Option<String>,
+    /// OID of the table the change belongs to: it goes only to tokens whose [`Token::readable`] holds it.
+    pub relid: u32,
+    /// `Some(roles)`: row-level security allows this row only to these roles (OIDs, evaluated by the worker);
+    /// it goes only to tokens whose [`Token::role`] is listed. `None`: no per-row restriction.
+    pub audience: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// `{"label":..,"data":{..}}`, sent to clients verbatim.
     VersionMap { json: String },
-    /// `head`: the cursor of the read point. `more`: `max` rows were returned, ask again from the last row's cursor.
+    /// `head`: the cursor of the read point. `more`: rows were left (`max` rows or `max_bytes` reached): ask again
+    /// from the last row's cursor.
     History {
         rows: Vec<ChangeRow>,
         head: String,

@@ -3,13 +3,13 @@
 //! A secret comes from `Authorization: Bearer <secret>` or `?token=<secret>`. It matches a token when
 //! sha256(secret) equals the token's digest; every token is compared, in constant time, whatever matches.
 
+use std::rc::Rc;
+
+use hyper::header::{HeaderMap, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 
-use crate::api::Token;
+use crate::api::{ChangeRow, Token};
 use crate::config::Auth;
-use crate::feed::Feed;
-use crate::http::Head;
-use crate::hub::Kind;
 
 /// What an authenticated client may read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,10 @@ pub(crate) struct Principal {
     pub labels: Option<Vec<String>>,
     /// Whether it may read changes, not only versions.
     pub rows: bool,
+    /// The token creator's role OID (0 under trust).
+    pub role: u32,
+    /// Sorted OIDs of the tables whose rows it may receive; `None` under trust (all).
+    pub readable: Option<Rc<[u32]>>,
 }
 
 impl Principal {
@@ -28,22 +32,27 @@ impl Principal {
             token: None,
             labels: None,
             rows: true,
+            role: 0,
+            readable: None,
         }
+    }
+
+    /// Whether a change row may go to this client: its table is readable to the token and, when row-level
+    /// security restricts the row, the token's role is in its audience.
+    pub fn may_receive(&self, row: &ChangeRow) -> bool {
+        let Some(readable) = &self.readable else {
+            return true;
+        };
+        readable.binary_search(&row.relid).is_ok() && row.audience.as_ref().is_none_or(|a| a.contains(&self.role))
+    }
+
+    /// The bucket its requests to the worker are counted in: the token, or `None` (trust).
+    pub fn token_key(&self) -> Option<[u8; 32]> {
+        self.token
     }
 
     pub fn allows(&self, label: &str) -> bool {
         self.labels.as_ref().is_none_or(|ls| ls.iter().any(|l| l == label))
-    }
-
-    /// Whether a (changed) token still covers everything a client is subscribed to.
-    pub fn covers(&self, kind: &Kind) -> bool {
-        let feeds_ok = |f: &Feed| self.rows && f.labels.iter().all(|l| self.allows(l));
-        match kind {
-            Kind::Plain => true,
-            Kind::Ws(ws) => ws.versions.keys().all(|l| self.allows(l)) && ws.feeds.values().all(feeds_ok),
-            Kind::Sse(f) => feeds_ok(f),
-            Kind::LongPoll(lp) => feeds_ok(&lp.feed),
-        }
     }
 
     /// The principal of the same token in a new token list; `None` when the token is gone.
@@ -54,16 +63,21 @@ impl Principal {
 }
 
 fn from_token(t: &Token, digest: [u8; 32]) -> Principal {
+    let mut readable = t.readable.clone();
+    readable.sort_unstable();
+    readable.dedup();
     Principal {
         token: Some(digest),
         labels: Some(t.labels.clone()),
         rows: t.rows,
+        role: t.role,
+        readable: Some(readable.into()),
     }
 }
 
 /// The secret a request presents: the bearer header wins over `?token=`.
-pub(crate) fn presented_secret(head: &Head, query_token: Option<&str>) -> Option<String> {
-    if let Some(v) = head.header("authorization") {
+pub(crate) fn presented_secret(headers: &HeaderMap, query_token: Option<&str>) -> Option<String> {
+    if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
         if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {
             return Some(rest.trim().to_string());
@@ -109,6 +123,8 @@ mod tests {
             sha256: Sha256::digest(secret.as_bytes()).into(),
             labels: labels.iter().map(|s| s.to_string()).collect(),
             rows,
+            role: 10,
+            readable: vec![3, 1, 2],
         }
     }
 
@@ -122,5 +138,13 @@ mod tests {
         assert_eq!(authenticate(Auth::Trust, &[], None), Some(Principal::trust()));
         assert!(p.refreshed(&tokens[..1]).is_none());
         assert_eq!(p.refreshed(&tokens), Some(p.clone()));
+        let row = |relid, audience: Option<Vec<u32>>| ChangeRow {
+            relid,
+            audience,
+            ..ChangeRow::default()
+        };
+        assert!(p.may_receive(&row(2, None)) && !p.may_receive(&row(4, None)));
+        assert!(p.may_receive(&row(1, Some(vec![9, 10]))) && !p.may_receive(&row(1, Some(vec![9]))));
+        assert!(Principal::trust().may_receive(&row(4, Some(vec![]))));
     }
 }

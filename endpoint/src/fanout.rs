@@ -1,63 +1,180 @@
-//! Delivery: batches, history and version-map replies, and checkpoints, pushed to client outboxes.
+//! Delivery: batches, gaps, history and version-map replies, and checkpoints, pushed to client outboxes.
 //!
-//! A batch is prepared once ([`PreparedBatch`]) and its shared bytes are queued for every subscriber. Version
-//! deltas go to labels whose snapshot was delivered (a snapshot still outstanding already includes them).
-//! Feeds get history replies and, once live, batch rows (see `feed.rs`).
+//! A batch is prepared once ([`PreparedBatch`]) and its shared bytes are queued for every subscriber whose
+//! token may receive each row. Version deltas go to labels whose snapshot was delivered (a snapshot still
+//! outstanding already includes them). Feeds get history replies and, once live, batch rows (see `feed.rs`).
+//! When rows were left out (a gap in the worker channel, or a batch with `rows_omitted`), every live feed
+//! goes back to the history from its own cursor; after a gap, version subscriptions fetch their map again.
 
-use crate::api::{Batch, Reply, ReplyError, ReplyErrorKind, RequestKind};
+use std::collections::BTreeSet;
+
+use crate::api::{Batch, Reply, ReplyError, ReplyErrorKind, RequestKind, MAX_HISTORY_ROWS};
+use crate::auth::Principal;
 use crate::batch::PreparedBatch;
+use crate::config::Config;
 use crate::feed::{Feed, Phase};
-use crate::hub::{ClientId, Hub, Kind, Pending, PollOutcome, VState};
+use crate::hub::{ClientId, Hub, Kind, PollOutcome, VState};
 use crate::messages;
+use crate::metrics::bump;
 use crate::outbox::{Out, Outbox};
+use crate::requests::Waiting;
 
-/// Rows asked for per history request of a streaming feed.
-pub(crate) const HISTORY_CHUNK: u32 = 1000;
+/// Byte budget of one history page for a streaming feed: a quarter of the client's queue, 16 KiB to 1 MiB.
+pub(crate) fn page_bytes(cfg: &Config) -> usize {
+    (cfg.client_buffer / 4).clamp(16 << 10, 1 << 20)
+}
 
 impl Hub {
     pub(crate) fn on_batch(&mut self, batch: Batch) {
         self.advance_head(&batch.head);
-        if self.clients.values().all(|c| matches!(c.kind, Kind::Plain)) {
-            return; // nobody to serialise for
+        let omitted = batch.rows_omitted;
+        if self.clients.values().any(|c| !matches!(c.kind, Kind::Plain)) {
+            let batch = PreparedBatch::new(batch);
+            let client_buffer = self.cfg.client_buffer;
+            for c in self.clients.values_mut() {
+                let outbox = &c.outbox;
+                let Some(who) = &c.who else { continue };
+                let allow = |r: &crate::api::ChangeRow| who.may_receive(r);
+                match &mut c.kind {
+                    Kind::Plain => {}
+                    Kind::Ws(ws) => {
+                        for (label, delta) in &batch.deltas {
+                            if ws.versions.get(label) == Some(&VState::Live) {
+                                outbox.data(delta.clone());
+                            }
+                        }
+                        if !omitted {
+                            for feed in ws.feeds.values_mut() {
+                                feed.live_rows(&batch, allow, |r| {
+                                    outbox.data(r.json.clone());
+                                    true
+                                });
+                            }
+                        }
+                    }
+                    Kind::Sse(feed) if !omitted => feed.live_rows(&batch, allow, |r| {
+                        outbox.data(r.sse());
+                        true
+                    }),
+                    Kind::Sse(_) => {}
+                    Kind::LongPoll(lp) if !omitted => {
+                        if lp.done.is_none() {
+                            continue;
+                        }
+                        let (max, max_bytes) = (lp.max as usize, lp.max_bytes.min(client_buffer));
+                        let mut rows = Vec::new();
+                        let mut bytes = 0;
+                        let mut last = None;
+                        lp.feed.live_rows(&batch, allow, |r| {
+                            if rows.len() == max || (!rows.is_empty() && bytes + r.json.len() > max_bytes) {
+                                return false;
+                            }
+                            bytes += r.json.len();
+                            rows.push(r.json.clone());
+                            last = Some(r.row.cursor.clone());
+                            true
+                        });
+                        // The answer's cursor is the last row's (the feed itself may have moved on to the head).
+                        let Some(cursor) = last else { continue };
+                        let cursor = Some(cursor);
+                        if let Some(done) = lp.done.take() {
+                            let _ = done.send(PollOutcome::Rows { rows, cursor });
+                        }
+                    }
+                    Kind::LongPoll(_) => {}
+                }
+            }
         }
-        let batch = PreparedBatch::new(batch);
-        for c in self.clients.values_mut() {
-            let outbox = &c.outbox;
+        if omitted {
+            self.on_gap("", None);
+        }
+    }
+
+    /// Rows were left out up to `head`: live feeds catch up from their cursors; version subscriptions of
+    /// `labels` (`None`: none, the versions were delivered) fetch their maps again.
+    pub(crate) fn on_gap(&mut self, head: &str, labels: Option<&BTreeSet<String>>) {
+        if !head.is_empty() {
+            self.advance_head(head);
+        }
+        let mut feeds: Vec<(ClientId, u64, RequestKind)> = Vec::new();
+        let mut maps: Vec<(ClientId, String)> = Vec::new();
+        let cfg = self.cfg.clone();
+        for (&id, c) in self.clients.iter_mut() {
+            let Some(who) = &c.who else { continue };
             match &mut c.kind {
                 Kind::Plain => {}
                 Kind::Ws(ws) => {
-                    for (label, delta) in &batch.deltas {
-                        if ws.versions.get(label) == Some(&VState::Live) {
-                            outbox.data(delta.clone());
+                    for (&fid, feed) in ws.feeds.iter_mut() {
+                        if let Some(since) = feed.catch_up() {
+                            feeds.push((
+                                id,
+                                fid,
+                                history_request(feed, since, who, MAX_HISTORY_ROWS, page_bytes(&cfg)),
+                            ));
                         }
                     }
-                    for feed in ws.feeds.values_mut() {
-                        for r in feed.live_rows(&batch, usize::MAX) {
-                            outbox.data(r.json.clone());
+                    if let Some(labels) = labels {
+                        for (label, state) in ws.versions.iter() {
+                            if *state == VState::Live && labels.contains(label) {
+                                maps.push((id, label.clone()));
+                            }
                         }
                     }
                 }
                 Kind::Sse(feed) => {
-                    for r in feed.live_rows(&batch, usize::MAX) {
-                        outbox.data(r.sse());
+                    if let Some(since) = feed.catch_up() {
+                        feeds.push((
+                            id,
+                            0,
+                            history_request(feed, since, who, MAX_HISTORY_ROWS, page_bytes(&cfg)),
+                        ));
                     }
                 }
                 Kind::LongPoll(lp) => {
-                    if lp.done.is_none() {
-                        continue;
+                    if lp.done.is_some() {
+                        if let Some(since) = lp.feed.catch_up() {
+                            feeds.push((id, 0, history_request(&lp.feed, since, who, lp.max, lp.max_bytes)));
+                        }
                     }
-                    let rows = lp.feed.live_rows(&batch, lp.max as usize);
-                    // The answer's cursor is the last row's (the feed itself may have moved on to the head).
-                    let Some(last) = rows.last().map(|r| r.row.cursor.clone()) else {
-                        continue;
-                    };
-                    let rows = rows.into_iter().map(|r| r.json.clone()).collect();
-                    if let Some(done) = lp.done.take() {
-                        let _ = done.send(PollOutcome::Rows {
-                            rows,
-                            cursor: Some(last),
-                        });
+                }
+            }
+        }
+        bump(&self.metrics.catch_ups, feeds.len() as u64);
+        bump(&self.metrics.version_refetches, maps.len() as u64);
+        for (client, feed, kind) in feeds {
+            let bucket = self.bucket_of(client);
+            match self.request(kind, Waiting::Feed { client, feed }, bucket) {
+                Ok(rid) => self.set_phase(client, feed, Phase::History(rid)),
+                Err(m) => self.fail_feed(client, feed, &internal(m)),
+            }
+        }
+        for (client, label) in maps {
+            self.ask_version_map(client, &label);
+        }
+    }
+
+    /// Asks for a WebSocket client's version map of `label` (again); deltas wait for it.
+    pub(crate) fn ask_version_map(&mut self, client: ClientId, label: &str) {
+        let bucket = self.bucket_of(client);
+        let waiting = Waiting::WsVersions {
+            client,
+            label: label.to_string(),
+        };
+        let kind = RequestKind::VersionMap {
+            label: label.to_string(),
+        };
+        match self.request(kind, waiting, bucket) {
+            Ok(rid) => {
+                if let Some(Kind::Ws(ws)) = self.clients.get_mut(&client).map(|c| &mut c.kind) {
+                    ws.versions.insert(label.to_string(), VState::Pending(rid));
+                }
+            }
+            Err(m) => {
+                if let Some(c) = self.clients.get_mut(&client) {
+                    if let Kind::Ws(ws) = &mut c.kind {
+                        ws.versions.remove(label);
                     }
+                    c.outbox.data(messages::error("internal", &m, Some(label)).into());
                 }
             }
         }
@@ -102,8 +219,12 @@ impl Hub {
         }
         match result {
             Ok(Reply::VersionMap { json }) => {
-                ws.versions.insert(label, VState::Live);
-                c.outbox.data_bulk(json.into());
+                if c.outbox.offer_bulk(json.into()) {
+                    ws.versions.insert(label, VState::Live);
+                } else {
+                    ws.versions.insert(label, VState::Refetch);
+                    c.outbox.want_resume();
+                }
             }
             other => {
                 ws.versions.remove(&label);
@@ -115,8 +236,10 @@ impl Hub {
     }
 
     pub(crate) fn feed_reply(&mut self, client: ClientId, feed_id: u64, id: u64, result: Result<Reply, ReplyError>) {
+        let page = page_bytes(&self.cfg);
         let Some(c) = self.clients.get_mut(&client) else { return };
         let outbox = c.outbox.clone();
+        let Some(who) = c.who.clone() else { return };
         let (feed, sse) = match &mut c.kind {
             Kind::Ws(ws) => match ws.feeds.get_mut(&feed_id) {
                 Some(f) => (f, false),
@@ -131,61 +254,78 @@ impl Hub {
         }
         let (rows, head, more) = match result {
             Ok(Reply::History { rows, head, more }) => (rows, head, more),
-            other => {
-                let e = reply_error(other);
-                let labels = feed.labels.clone();
-                if let Kind::Ws(ws) = &mut c.kind {
-                    ws.feeds.remove(&feed_id);
-                }
-                return feed_failed(&outbox, sse, &labels, &e);
-            }
+            other => return self.fail_feed(client, feed_id, &reply_error(other)),
         };
-        let step = feed.take_history(rows, &head, more);
-        for row in &step.deliver {
-            let json = messages::change(row);
-            outbox.data_bulk(
-                if sse {
+        let step = feed.take_history(
+            rows,
+            &head,
+            more,
+            |r| who.may_receive(r),
+            |row| {
+                let json = messages::change(row);
+                let text = if sse {
                     messages::sse_event(Some(&row.cursor), "change", &json)
                 } else {
                     json
-                }
-                .into(),
-            );
+                };
+                outbox.offer_bulk(text.into())
+            },
+        );
+        if step.stalled {
+            return outbox.want_resume();
         }
         if let Some(since) = step.next {
-            if outbox.filling() {
+            if !outbox.has_room_for(page) {
                 feed.phase = Phase::Paused;
                 feed.resume_from = Some(since);
                 return outbox.want_resume();
             }
-            let kind = history_request(feed, since, HISTORY_CHUNK);
-            match self.request(kind, Pending::Feed { client, feed: feed_id }) {
+            let kind = history_request(feed, since, &who, MAX_HISTORY_ROWS, page);
+            let bucket = self.bucket_of(client);
+            match self.request(kind, Waiting::Feed { client, feed: feed_id }, bucket) {
                 Ok(next) => self.set_phase(client, feed_id, Phase::History(next)),
-                Err(m) => feed_failed(&outbox, sse, &[], &internal(m)),
+                Err(m) => self.fail_feed(client, feed_id, &internal(m)),
             }
         }
     }
 
-    /// A client's queue drained: paused feeds read their next page of history.
+    /// A client's queue drained: paused feeds read their next page of history, refused version maps are
+    /// fetched again.
     pub(crate) fn resume(&mut self, client: ClientId) {
+        let page = page_bytes(&self.cfg);
         let Some(c) = self.clients.get_mut(&client) else { return };
-        let outbox = c.outbox.clone();
-        let (paused, sse): (Vec<(u64, RequestKind)>, bool) = match &mut c.kind {
+        let Some(who) = c.who.clone() else { return };
+        let take = |f: &mut Feed| -> Option<RequestKind> {
+            if f.phase != Phase::Paused {
+                return None;
+            }
+            let since = f.resume_from.take()?;
+            Some(history_request(f, since, &who, MAX_HISTORY_ROWS, page))
+        };
+        let (paused, maps): (Vec<(u64, RequestKind)>, Vec<String>) = match &mut c.kind {
             Kind::Ws(ws) => (
                 ws.feeds
                     .iter_mut()
-                    .filter_map(|(id, f)| Some((*id, take_paused(f)?)))
+                    .filter_map(|(id, f)| Some((*id, take(f)?)))
                     .collect(),
-                false,
+                ws.versions
+                    .iter()
+                    .filter(|(_, s)| **s == VState::Refetch)
+                    .map(|(l, _)| l.clone())
+                    .collect(),
             ),
-            Kind::Sse(f) => (take_paused(f).map(|k| (0, k)).into_iter().collect(), true),
+            Kind::Sse(f) => (take(f).map(|k| (0, k)).into_iter().collect(), Vec::new()),
             _ => return,
         };
+        let bucket = self.bucket_of(client);
         for (feed, kind) in paused {
-            match self.request(kind, Pending::Feed { client, feed }) {
+            match self.request(kind, Waiting::Feed { client, feed }, bucket) {
                 Ok(id) => self.set_phase(client, feed, Phase::History(id)),
-                Err(m) => feed_failed(&outbox, sse, &[], &internal(m)),
+                Err(m) => self.fail_feed(client, feed, &internal(m)),
             }
+        }
+        for label in maps {
+            self.ask_version_map(client, &label);
         }
     }
 
@@ -202,23 +342,36 @@ impl Hub {
             Kind::Plain => {}
         }
     }
-}
 
-fn take_paused(f: &mut Feed) -> Option<RequestKind> {
-    if f.phase != Phase::Paused {
-        return None;
+    /// Tells a feed's client that its history could not be read: resync or error; a WebSocket feed is
+    /// dropped, an SSE stream ends, a long-poll answers with the error.
+    pub(crate) fn fail_feed(&mut self, client: ClientId, feed_id: u64, e: &ReplyError) {
+        let Some(c) = self.clients.get_mut(&client) else { return };
+        match &mut c.kind {
+            Kind::Ws(ws) => {
+                let labels = ws.feeds.remove(&feed_id).map(|f| f.labels).unwrap_or_default();
+                feed_failed(&c.outbox, false, &labels, e);
+            }
+            Kind::Sse(_) => feed_failed(&c.outbox, true, &[], e),
+            Kind::LongPoll(lp) => {
+                if let Some(done) = lp.done.take() {
+                    let _ = done.send(PollOutcome::Failed(e.clone()));
+                }
+            }
+            Kind::Plain => {}
+        }
     }
-    let since = f.resume_from.take()?;
-    Some(history_request(f, since, HISTORY_CHUNK))
 }
 
-/// A history request continuing a feed from `since`.
-pub(crate) fn history_request(feed: &Feed, since: String, max: u32) -> RequestKind {
+/// A history request continuing a feed from `since`, read as the client's role, bounded in rows and bytes.
+pub(crate) fn history_request(feed: &Feed, since: String, who: &Principal, max: u32, max_bytes: usize) -> RequestKind {
     RequestKind::History {
         since,
         labels: feed.labels.clone(),
-        max,
+        max: max.clamp(1, MAX_HISTORY_ROWS),
         filter: feed.filter_text.clone(),
+        max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
+        role: who.role,
     }
 }
 

@@ -36,11 +36,12 @@ pub(crate) struct Feed {
     pub resume_from: Option<String>,
 }
 
-/// What a history reply leads to.
+/// What a history reply led to.
 pub(crate) struct HistoryStep {
-    pub deliver: Vec<ChangeRow>,
     /// Ask again from this cursor (the reply had `more`).
     pub next: Option<String>,
+    /// The taker refused a row (no room): the feed is `Paused` at the last row taken.
+    pub stalled: bool,
 }
 
 impl Feed {
@@ -73,24 +74,48 @@ impl Feed {
         }
     }
 
-    /// Takes a history reply (the caller checked it answers this feed's outstanding request).
-    pub fn take_history(&mut self, rows: Vec<ChangeRow>, head: &str, more: bool) -> HistoryStep {
+    /// Whether a row is for this feed and not delivered yet.
+    fn wants(&self, row: &ChangeRow, pos: Pos) -> bool {
+        self.past(pos) && self.labels.contains(&row.label)
+    }
+
+    /// Takes a history reply (the caller checked it answers this feed's outstanding request). `take` gets each
+    /// row for this feed that `allow` lets through, in order; when it refuses one (no room), the feed pauses
+    /// at the last row taken and reads on from there later.
+    pub fn take_history(
+        &mut self,
+        rows: Vec<ChangeRow>,
+        head: &str,
+        more: bool,
+        allow: impl Fn(&ChangeRow) -> bool,
+        mut take: impl FnMut(&ChangeRow) -> bool,
+    ) -> HistoryStep {
         let next = if more {
             rows.last().map(|r| r.cursor.clone())
         } else {
             None
         };
-        let mut deliver = Vec::with_capacity(rows.len());
-        for row in rows {
+        let mut delivered = 0;
+        for row in &rows {
             let Some(pos) = position(&row.cursor) else { continue };
             // (A label unsubscribed while the request was out is no longer wanted.)
-            if self.past(pos) && self.labels.contains(&row.label) {
-                self.last = Some(pos);
-                self.cursor = Some(row.cursor.clone());
-                deliver.push(row);
+            if !self.wants(row, pos) || !allow(row) {
+                continue;
             }
+            if !take(row) {
+                self.busy |= delivered > 0;
+                self.phase = Phase::Paused;
+                self.resume_from = self.cursor.clone();
+                return HistoryStep {
+                    next: None,
+                    stalled: true,
+                };
+            }
+            self.last = Some(pos);
+            self.cursor = Some(row.cursor.clone());
+            delivered += 1;
         }
-        self.busy |= !deliver.is_empty();
+        self.busy |= delivered > 0;
         match &next {
             Some(c) => self.advance(c, position(c)),
             None => {
@@ -98,33 +123,45 @@ impl Feed {
                 self.advance(head, position(head));
             }
         }
-        HistoryStep { deliver, next }
+        HistoryStep { next, stalled: false }
     }
 
-    /// The live rows of a batch for this feed, at most `max`, advancing past them (and past the batch's head
-    /// when all were taken). Nothing while history is outstanding.
-    pub fn live_rows<'a>(&mut self, batch: &'a PreparedBatch, max: usize) -> Vec<&'a PreparedRow> {
+    /// Hands the live rows of a batch for this feed that `allow` lets through to `take`, advancing past them
+    /// (and past the batch's head when all were taken). `take` refusing a row stops there, before it. Nothing
+    /// while history is outstanding.
+    pub fn live_rows(
+        &mut self,
+        batch: &PreparedBatch,
+        allow: impl Fn(&ChangeRow) -> bool,
+        mut take: impl FnMut(&PreparedRow) -> bool,
+    ) {
         if self.phase != Phase::Live {
-            return Vec::new();
+            return;
         }
-        let mut out = Vec::new();
         for i in batch.rows_for(&self.labels) {
             let Some(r) = batch.rows.get(i) else { continue };
             let Some(pos) = r.pos else { continue };
-            if !self.past(pos) || self.filter.as_ref().is_some_and(|f| !r.matches(f)) {
+            if !self.past(pos) || !allow(&r.row) || self.filter.as_ref().is_some_and(|f| !r.matches(f)) {
                 continue;
             }
-            if out.len() == max {
+            if !take(r) {
                 self.busy = true;
-                return out;
+                return;
             }
+            self.busy = true;
             self.last = Some(pos);
             self.cursor = Some(r.row.cursor.clone());
-            out.push(r);
         }
-        self.busy |= !out.is_empty();
         self.advance(&batch.head, batch.head_pos);
-        out
+    }
+
+    /// Sends a live feed back to the history from its cursor (rows were left out of the channel): the request
+    /// to send, or `None` when the feed is not live or has no cursor yet.
+    pub fn catch_up(&mut self) -> Option<String> {
+        if self.phase != Phase::Live {
+            return None;
+        }
+        self.cursor.clone()
     }
 }
 
@@ -154,6 +191,47 @@ mod tests {
         }
     }
 
+    fn live(f: &mut Feed, b: &PreparedBatch, max: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        f.live_rows(
+            b,
+            |_| true,
+            |r| {
+                if out.len() == max {
+                    return false;
+                }
+                out.push(r.row.seq as u32);
+                true
+            },
+        );
+        out
+    }
+
+    #[test]
+    fn a_refused_history_row_pauses_at_the_last_taken() {
+        let start = (cur(10, Cursor::END), (10, Cursor::END));
+        let mut f = Feed::new(vec!["a".into()], None, Some(start));
+        f.phase = Phase::History(1);
+        let mut n = 0;
+        let step = f.take_history(
+            vec![row(11, 0, "a"), row(12, 0, "a"), row(13, 0, "a")],
+            &cur(13, 0),
+            true,
+            |r| r.event_id != 11,
+            |_| {
+                n += 1;
+                n < 2
+            },
+        );
+        assert!(step.stalled && step.next.is_none());
+        assert_eq!(f.phase, Phase::Paused);
+        assert_eq!(
+            f.resume_from,
+            Some(cur(12, 0)),
+            "11 was not allowed, 12 taken, 13 refused"
+        );
+    }
+
     #[test]
     fn history_then_live_never_repeats_or_goes_back() {
         let start = (cur(10, Cursor::END), (10, Cursor::END));
@@ -163,41 +241,60 @@ mod tests {
         let early = PreparedBatch::new(Batch {
             head: cur(20, Cursor::END),
             changes: vec![row(20, 0, "a")],
-            versions: vec![],
+            ..Batch::default()
         });
-        assert!(f.live_rows(&early, usize::MAX).is_empty());
+        assert!(live(&mut f, &early, usize::MAX).is_empty());
         // First page: more to come; a row at or before the cursor is dropped.
+        let mut got = Vec::new();
         let step = f.take_history(
             vec![row(10, 3, "a"), row(20, 0, "a"), row(20, 1, "b")],
             &cur(20, 1),
             true,
+            |_| true,
+            |r| {
+                got.push(r.event_id);
+                true
+            },
         );
-        assert_eq!(step.deliver.len(), 1, "only (20,0); (20,1) is another label");
+        assert_eq!(got, vec![20], "only (20,0); (20,1) is another label");
         assert_eq!(step.next, Some(cur(20, 1)));
         // Last page overlaps the first; then live from its head.
-        let step = f.take_history(vec![row(20, 0, "a"), row(30, 0, "a")], &cur(30, Cursor::END), false);
-        assert_eq!(step.deliver.iter().map(|r| r.event_id).collect::<Vec<_>>(), vec![30]);
+        let mut got = Vec::new();
+        f.take_history(
+            vec![row(20, 0, "a"), row(30, 0, "a")],
+            &cur(30, Cursor::END),
+            false,
+            |_| true,
+            |r| {
+                got.push(r.event_id);
+                true
+            },
+        );
+        assert_eq!(got, vec![30]);
         assert_eq!(f.phase, Phase::Live);
         assert_eq!(f.last, Some((30, Cursor::END)));
         let dup = PreparedBatch::new(Batch {
             head: cur(30, Cursor::END),
             changes: vec![row(30, 0, "a")],
-            versions: vec![],
+            ..Batch::default()
         });
-        assert!(f.live_rows(&dup, usize::MAX).is_empty(), "already delivered by history");
-        let live = PreparedBatch::new(Batch {
+        assert!(
+            live(&mut f, &dup, usize::MAX).is_empty(),
+            "already delivered by history"
+        );
+        let batch = PreparedBatch::new(Batch {
             head: cur(40, Cursor::END),
             changes: vec![row(40, 0, "a"), row(40, 1, "b"), row(40, 2, "a")],
-            versions: vec![],
+            ..Batch::default()
         });
-        let got: Vec<u32> = f.live_rows(&live, 1).iter().map(|r| r.row.seq as u32).collect();
+        let got = live(&mut f, &batch, 1);
         assert_eq!(got, vec![0], "max 1");
         assert_eq!(
             f.cursor.as_deref(),
             Some(cur(40, 0).as_str()),
             "stops at the last row taken"
         );
-        assert_eq!(f.live_rows(&live, 5).len(), 1, "the rest: (40,2)");
+        assert_eq!(live(&mut f, &batch, 5), vec![2], "the rest: (40,2)");
         assert_eq!(
             f.cursor.as_deref(),
             Some(cur(40, Cursor::END).as_str()),

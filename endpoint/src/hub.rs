@@ -1,45 +1,41 @@
-//! The hub: everything the endpoint knows, owned by its single thread.
+//! The hub: everything the endpoint knows about subscriptions, owned by its single thread.
 //!
-//! It holds the worker's latest status and tokens, every connected client with its subscriptions, and the
-//! requests outstanding at the worker. Worker messages are applied in the order they were published; replies
-//! are routed to the client (and subscription) that asked, stale ones dropped. The hub never waits: it pushes
-//! into client outboxes. Batches and checkpoints are in `fanout.rs`, subscriptions in `subscribe.rs`.
+//! It holds the worker's latest status and tokens, every subscribed client (one per WebSocket, SSE stream,
+//! long-poll or one-shot request waiting for the worker), and the requests to the worker (`requests.rs`).
+//! Worker messages are applied in the order they were published; replies are routed to the client (and
+//! subscription) that asked, stale ones dropped. The hub never waits: it pushes into client outboxes.
+//! Batches, gaps and checkpoints are in `fanout.rs`, subscriptions in `subscribe.rs`.
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::sync::mpsc;
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tungstenite::Utf8Bytes;
 
-use crate::api::{Reply, ReplyError, Request, RequestKind, Status, ToEndpoint, Token};
+use crate::api::{Reply, ReplyError, ReplyErrorKind, RequestKind, Status, ToEndpoint, Token};
 use crate::auth::{self, Principal};
 use crate::batch::{position, Pos};
 use crate::config::Config;
-use crate::feed::Feed;
+use crate::feed::{Feed, Phase};
+use crate::inbox::Inbound;
 use crate::metrics::{bump, Metrics};
 use crate::outbox::{CloseReason, Outbox};
-
-pub(crate) type ClientId = u64;
-
-/// Most requests outstanding at the worker; beyond it new ones are refused as busy.
-const MAX_PENDING: usize = 10_000;
+pub(crate) use crate::requests::ClientId;
+use crate::requests::{Bucket, RequestSender, Requests, Waiting, WORKER_GONE};
 
 pub(crate) struct Client {
     pub outbox: Rc<Outbox>,
     /// Set once the request is authorised; a revoked token closes the client.
     pub who: Option<Principal>,
     pub kind: Kind,
-    /// Its requests the worker has not answered yet (WebSocket commands are limited by it).
+    /// Its requests the worker has not answered yet, queued or sent (WebSocket commands are limited by it).
     pub outstanding: usize,
 }
 
 pub(crate) enum Kind {
-    /// Reading its request, or a one-shot request (health, versions).
+    /// A one-shot request waiting for the worker (versions).
     Plain,
     Ws(WsSubs),
     Sse(Feed),
@@ -57,12 +53,16 @@ pub(crate) struct WsSubs {
 pub(crate) enum VState {
     /// The snapshot was asked for with this request.
     Pending(u64),
+    /// The snapshot arrived but did not fit the client's queue: ask again once it drained.
+    Refetch,
     Live,
 }
 
 pub(crate) struct LongPoll {
     pub feed: Feed,
     pub max: u32,
+    /// Byte bound of the answer's changes.
+    pub max_bytes: usize,
     pub deadline: Instant,
     pub done: Option<oneshot::Sender<PollOutcome>>,
 }
@@ -75,50 +75,23 @@ pub(crate) enum PollOutcome {
     Failed(ReplyError),
 }
 
-pub(crate) enum Pending {
-    WsVersions {
-        client: ClientId,
-        label: String,
-    },
-    /// History for a feed: WebSocket feed id, or 0 for an SSE or long-poll client's feed.
-    Feed {
-        client: ClientId,
-        feed: u64,
-    },
-    Oneshot(oneshot::Sender<Result<Reply, ReplyError>>),
-}
-
-/// The endpoint's end of the request channel.
-pub(crate) struct RequestSender {
-    pub tx: mpsc::Sender<Request>,
-    /// Write end of the wake socket pair (non-blocking).
-    pub wake: UnixStream,
-}
-
-pub(crate) enum Admit {
-    Yes(ClientId, Rc<Outbox>),
-    Full,
-    ShuttingDown,
-}
-
 pub(crate) struct Hub {
     pub cfg: Config,
-    pub metrics: Rc<Metrics>,
+    pub metrics: Arc<Metrics>,
     pub status: Option<Status>,
     /// The newest head seen (status or batch): "now" for new feeds.
     pub head: Option<(String, Pos)>,
     pub tokens: Vec<Token>,
     pub clients: HashMap<ClientId, Client>,
     next_client: ClientId,
-    pub pending: HashMap<u64, Pending>,
-    next_request: Cell<u64>,
-    port: RequestSender,
+    pub requests: Requests,
     pub shutting_down: bool,
 }
 
 impl Hub {
-    pub fn new(cfg: Config, metrics: Rc<Metrics>, port: RequestSender) -> Hub {
+    pub fn new(cfg: Config, metrics: Arc<Metrics>, port: RequestSender) -> Hub {
         Hub {
+            requests: Requests::new(port, cfg.max_worker_requests, cfg.max_requests_per_token),
             cfg,
             metrics,
             status: None,
@@ -126,34 +99,28 @@ impl Hub {
             tokens: Vec::new(),
             clients: HashMap::new(),
             next_client: 1,
-            pending: HashMap::new(),
-            next_request: Cell::new(1),
-            port,
             shutting_down: false,
         }
     }
 
-    pub fn admit(&mut self) -> Admit {
-        if self.shutting_down {
-            return Admit::ShuttingDown;
-        }
-        if self.clients.len() >= self.cfg.max_clients {
-            bump(&self.metrics.rejected, 1);
-            return Admit::Full;
-        }
+    /// A new client (a subscription or a request waiting for the worker) with its outbox.
+    pub fn join(&mut self, who: &Principal) -> (ClientId, Rc<Outbox>) {
         let id = self.next_client;
         self.next_client += 1;
         let outbox = Rc::new(Outbox::new(self.cfg.client_buffer, self.metrics.clone()));
+        if self.shutting_down {
+            outbox.close(CloseReason::Shutdown);
+        }
         self.clients.insert(
             id,
             Client {
                 outbox: outbox.clone(),
-                who: None,
+                who: Some(who.clone()),
                 kind: Kind::Plain,
                 outstanding: 0,
             },
         );
-        Admit::Yes(id, outbox)
+        (id, outbox)
     }
 
     pub fn remove(&mut self, id: ClientId) {
@@ -173,57 +140,13 @@ impl Hub {
         who
     }
 
-    /// Records who a client is (so revoking its token closes it).
-    pub fn set_who(&mut self, id: ClientId, who: &Principal) {
-        if let Some(c) = self.clients.get_mut(&id) {
-            c.who = Some(who.clone());
-        }
-    }
-
-    /// Sends a request to the worker; `Err` when the worker is gone or too far behind.
-    pub fn request(&mut self, kind: RequestKind, pending: Pending) -> Result<u64, String> {
-        if self.pending.len() >= MAX_PENDING {
-            return Err("the relay worker has too many requests outstanding; try again".into());
-        }
-        let id = self.next_request.get();
-        self.next_request.set(id + 1);
-        self.port
-            .tx
-            .send(Request { id, kind })
-            .map_err(|_| "the relay worker is not running".to_string())?;
-        // A full socket already wakes the worker; nothing else can go wrong that retrying would fix.
-        let _ = (&self.port.wake).write(&[1]);
-        self.count_outstanding(&pending, true);
-        self.pending.insert(id, pending);
-        Ok(id)
-    }
-
-    fn count_outstanding(&mut self, pending: &Pending, up: bool) {
-        let (Pending::WsVersions { client, .. } | Pending::Feed { client, .. }) = pending else {
-            return;
-        };
-        if let Some(c) = self.clients.get_mut(client) {
-            c.outstanding = if up {
-                c.outstanding + 1
-            } else {
-                c.outstanding.saturating_sub(1)
-            };
-        }
-    }
-
-    /// A request whose reply goes to a waiting task.
-    pub fn ask(&mut self, kind: RequestKind) -> Result<oneshot::Receiver<Result<Reply, ReplyError>>, String> {
-        let (tx, rx) = oneshot::channel();
-        self.request(kind, Pending::Oneshot(tx))?;
-        Ok(rx)
-    }
-
-    pub fn handle(&mut self, msg: ToEndpoint) {
+    pub fn handle(&mut self, msg: Inbound) {
         match msg {
-            ToEndpoint::Status(s) => self.on_status(s),
-            ToEndpoint::Tokens(t) => self.on_tokens(t),
-            ToEndpoint::Batch(b) => self.on_batch(b),
-            ToEndpoint::Reply { id, result } => self.on_reply(id, result),
+            Inbound::Msg(ToEndpoint::Status(s)) => self.on_status(s),
+            Inbound::Msg(ToEndpoint::Tokens(t)) => self.on_tokens(t),
+            Inbound::Msg(ToEndpoint::Batch(b)) => self.on_batch(b),
+            Inbound::Msg(ToEndpoint::Reply { id, result }) => self.on_reply(id, result),
+            Inbound::Gap { head, labels } => self.on_gap(&head, Some(&labels)),
         }
     }
 
@@ -242,7 +165,7 @@ impl Hub {
         let pos = position(&s.head);
         for c in self.clients.values_mut() {
             for feed in feeds_mut(&mut c.kind) {
-                if feed.phase == crate::feed::Phase::Live {
+                if feed.phase == Phase::Live {
                     feed.advance(&s.head, pos);
                 }
             }
@@ -250,6 +173,8 @@ impl Hub {
         self.status = Some(s);
     }
 
+    /// A new token list replaces the old: a client whose token is gone, or no longer covers what it is
+    /// subscribed to (labels, rows), is closed; others go on with the new privileges (readable tables).
     fn on_tokens(&mut self, tokens: Vec<Token>) {
         for c in self.clients.values_mut() {
             let Some(who) = &c.who else { continue };
@@ -257,7 +182,7 @@ impl Hub {
                 continue;
             }
             match who.refreshed(&tokens) {
-                Some(p) if p.covers(&c.kind) => c.who = Some(p),
+                Some(p) if covers(&p, &c.kind) => c.who = Some(p),
                 _ => c.outbox.close(CloseReason::Revoked),
             }
         }
@@ -265,14 +190,61 @@ impl Hub {
     }
 
     fn on_reply(&mut self, id: u64, result: Result<Reply, ReplyError>) {
-        let Some(p) = self.pending.remove(&id) else { return };
-        self.count_outstanding(&p, false);
-        match p {
-            Pending::Oneshot(tx) => {
+        let Some(w) = self.requests.answered(id) else { return };
+        self.forget_request(&w);
+        self.pump();
+        match w {
+            Waiting::Oneshot(tx) => {
                 let _ = tx.send(result);
             }
-            Pending::WsVersions { client, label } => self.versions_reply(client, label, id, result),
-            Pending::Feed { client, feed } => self.feed_reply(client, feed, id, result),
+            Waiting::WsVersions { client, label } => self.versions_reply(client, label, id, result),
+            Waiting::Feed { client, feed } => self.feed_reply(client, feed, id, result),
+        }
+    }
+
+    /// The bucket of a client's requests: its token, or under trust the client itself.
+    pub fn bucket_of(&self, client: ClientId) -> Bucket {
+        self.clients
+            .get(&client)
+            .and_then(|c| c.who.as_ref())
+            .and_then(|w| w.token_key())
+            .map_or(Bucket::Client(client), Bucket::Token)
+    }
+
+    /// Asks the worker (in turn, see `requests.rs`); the request's id, or `Err` when the worker is gone.
+    pub fn request(&mut self, kind: RequestKind, waiting: Waiting, bucket: Bucket) -> Result<u64, String> {
+        let client = waiting.client();
+        let id = self.requests.queue(kind, waiting, bucket)?;
+        if let Some(c) = client.and_then(|c| self.clients.get_mut(&c)) {
+            c.outstanding += 1;
+        }
+        self.pump();
+        Ok(id)
+    }
+
+    fn forget_request(&mut self, w: &Waiting) {
+        if let Some(c) = w.client().and_then(|c| self.clients.get_mut(&c)) {
+            c.outstanding = c.outstanding.saturating_sub(1);
+        }
+    }
+
+    /// Sends what the request limits allow; requests that cannot be sent (worker gone) are answered with an
+    /// error.
+    fn pump(&mut self) {
+        let clients = &self.clients;
+        let (dropped, failed) = self.requests.pump(|w| match w {
+            Waiting::Oneshot(tx) => tx.is_closed(),
+            Waiting::WsVersions { client, .. } | Waiting::Feed { client, .. } => !clients.contains_key(client),
+        });
+        for w in &dropped {
+            self.forget_request(w);
+        }
+        for id in failed {
+            let error = ReplyError {
+                kind: ReplyErrorKind::Internal,
+                message: WORKER_GONE.into(),
+            };
+            self.on_reply(id, Err(error));
         }
     }
 
@@ -281,6 +253,17 @@ impl Hub {
         for c in self.clients.values() {
             c.outbox.close(CloseReason::Shutdown);
         }
+    }
+}
+
+/// Whether a (changed) token still covers everything a client is subscribed to.
+fn covers(who: &Principal, kind: &Kind) -> bool {
+    let feed_ok = |f: &Feed| who.rows && f.labels.iter().all(|l| who.allows(l));
+    match kind {
+        Kind::Plain => true,
+        Kind::Ws(ws) => ws.versions.keys().all(|l| who.allows(l)) && ws.feeds.values().all(feed_ok),
+        Kind::Sse(f) => feed_ok(f),
+        Kind::LongPoll(lp) => feed_ok(&lp.feed),
     }
 }
 

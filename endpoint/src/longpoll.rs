@@ -1,56 +1,58 @@
 //! `GET /changes`: long-poll.
 //!
-//! With `since`, the history after it is asked for first (up to `max` rows); rows return at once. Without
-//! rows, or without `since` (from now), the request waits up to `wait` for a batch with matching rows. The
-//! answer is `{"changes":[..],"cursor":..}`: the cursor after the last row, or when there are none, the point
-//! the request covered (never before `since`), so polling again from it misses nothing.
+//! With `since`, the history after it is asked for first (up to `max` rows, at most 1000, and about
+//! `client_buffer` bytes, at least one row); rows return at once. Without rows, or without `since` (from now),
+//! the request waits up to `wait` for a batch with matching rows. The answer is `{"changes":[..],"cursor":..}`:
+//! the cursor after the last row, or when there are none, the point the request covered (never before
+//! `since`), so polling again from it misses nothing.
 
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 
 use tungstenite::Utf8Bytes;
 
-use crate::api::{Reply, ReplyError};
-use crate::conn::{bad_request, closed_response, reply, reply_error_response, unavailable, Ctx};
+use crate::api::{Reply, ReplyError, MAX_HISTORY_ROWS};
 use crate::fanout::{history_request, internal, reply_error};
 use crate::feed::Phase;
-use crate::http::{Head, Response};
-use crate::hub::{ClientId, Hub, Kind, Pending, PollOutcome};
+use crate::hub::{ClientId, Hub, Kind, PollOutcome};
 use crate::messages;
 use crate::params::{parse_max, parse_wait};
+use crate::request::{
+    bad_request, closed_response, reply_error_response, too_many_requests, unavailable, Ctx, Head, Joined,
+};
+use crate::requests::{Bucket, Waiting};
+use crate::response::Response;
 use crate::sse::feed_request;
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
-const DEFAULT_MAX: u32 = 1000;
+const DEFAULT_MAX: u32 = MAX_HISTORY_ROWS;
 /// How long a poll waits for its history reply, whatever its `wait`.
 const HISTORY_GRACE: Duration = Duration::from_secs(10);
 
-pub(crate) async fn serve(mut stream: TcpStream, head: Head, ctx: Ctx) {
-    // `None`: the hub closed the client (token revoked, shutdown).
-    let response = match poll(&head, &ctx).await {
-        Some(r) => r,
-        None => closed_response(&ctx),
-    };
-    reply(&mut stream, &ctx, response).await;
-}
-
-async fn poll(head: &Head, ctx: &Ctx) -> Option<Response> {
+pub(crate) async fn serve(head: &Head, ctx: &Ctx) -> Response {
     let req = match feed_request(head, ctx, false) {
         Ok(r) => r,
-        Err(r) => return Some(r),
+        Err(r) => return r,
     };
     let wait = req.query.get("wait").map(parse_wait).transpose();
     let max = req.query.get("max").map(parse_max).transpose();
     let (wait, max) = match (wait, max) {
-        (Ok(w), Ok(m)) => (w.unwrap_or(DEFAULT_WAIT), m.unwrap_or(DEFAULT_MAX)),
-        (Err(m), _) | (_, Err(m)) => return Some(bad_request(&m)),
+        (Ok(w), Ok(m)) => (
+            w.unwrap_or(DEFAULT_WAIT),
+            m.unwrap_or(DEFAULT_MAX).min(MAX_HISTORY_ROWS),
+        ),
+        (Err(m), _) | (_, Err(m)) => return bad_request(&m),
     };
+    let joined = Joined::new(ctx, &req.who);
+    let bucket = req.who.token_key().map_or(Bucket::Client(joined.id), Bucket::Token);
+    if req.since.is_some() && ctx.shared.hub.borrow().requests.saturated(bucket) {
+        return too_many_requests(ctx);
+    }
     let start = Instant::now();
     let deadline = start + wait;
     let started = ctx.shared.hub.borrow_mut().start_feed(
-        ctx.id,
+        joined.id,
         &req.who,
         (req.labels, req.filter),
         req.since,
@@ -58,21 +60,21 @@ async fn poll(head: &Head, ctx: &Ctx) -> Option<Response> {
     );
     let mut rx = match started {
         Ok(Some(rx)) => rx,
-        Ok(None) => return None,
-        Err(m) => return Some(unavailable(&m)),
+        Ok(None) => return closed_response(&joined.outbox),
+        Err(m) => return unavailable(&m),
     };
     let mut timer = deadline;
     let outcome = loop {
         tokio::select! {
             biased;
-            _ = ctx.outbox.closed() => return None,
+            _ = joined.outbox.closed() => return closed_response(&joined.outbox),
             o = &mut rx => match o {
                 Ok(o) => break o,
-                Err(_) => return Some(unavailable("the long-poll was abandoned")),
+                Err(_) => return unavailable("the long-poll was abandoned"),
             },
             _ = sleep_until(timer) => {
                 let force = Instant::now() >= start + HISTORY_GRACE.max(wait);
-                match ctx.shared.hub.borrow_mut().poll_expire(ctx.id, force) {
+                match ctx.shared.hub.borrow_mut().poll_expire(joined.id, force) {
                     Expiry::Finished(cursor) => break PollOutcome::Rows { rows: Vec::new(), cursor },
                     Expiry::InHistory => timer = start + HISTORY_GRACE.max(wait),
                     Expiry::AlreadySent => timer = Instant::now() + Duration::from_secs(1),
@@ -80,14 +82,14 @@ async fn poll(head: &Head, ctx: &Ctx) -> Option<Response> {
             }
         }
     };
-    Some(match outcome {
+    match outcome {
         PollOutcome::Rows { rows, cursor } => Response::json(
             200,
             messages::changes_body(rows.iter().map(|r| r.as_str()), cursor.as_deref()),
         )
-        .header("Cache-Control", "no-cache"),
+        .header("cache-control", "no-cache"),
         PollOutcome::Failed(e) => reply_error_response(&e),
-    })
+    }
 }
 
 /// What a long-poll's timer finds.
@@ -120,19 +122,43 @@ impl Hub {
     /// A history reply for a long-poll: rows end it at once; none leave it waiting for a batch (or end it if
     /// its wait is already over).
     pub(crate) fn poll_reply(&mut self, client: ClientId, id: u64, result: Result<Reply, ReplyError>) {
-        let Some(Kind::LongPoll(lp)) = self.clients.get_mut(&client).map(|c| &mut c.kind) else {
+        let Some(Kind::LongPoll(lp)) = self.clients.get(&client).map(|c| &c.kind) else {
             return;
         };
         if lp.feed.phase != Phase::History(id) || lp.done.is_none() {
             return;
         }
+        let who = self.clients.get(&client).and_then(|c| c.who.clone());
+        let Some(Kind::LongPoll(lp)) = self.clients.get_mut(&client).map(|c| &mut c.kind) else {
+            return;
+        };
+        let Some(who) = who else { return };
         let outcome = match result {
             Ok(Reply::History { rows, head, more }) => {
-                let step = lp.feed.take_history(rows, &head, more);
-                if step.deliver.is_empty() {
+                // The answer is bounded: `max` rows and about `max_bytes`, at least one row.
+                let (max, max_bytes) = (lp.max as usize, lp.max_bytes);
+                let mut out: Vec<Utf8Bytes> = Vec::new();
+                let mut bytes = 0;
+                let step = lp.feed.take_history(
+                    rows,
+                    &head,
+                    more,
+                    |r| who.may_receive(r),
+                    |r| {
+                        let json = messages::change(r);
+                        if out.len() == max || (!out.is_empty() && bytes + json.len() > max_bytes) {
+                            return false;
+                        }
+                        bytes += json.len();
+                        out.push(json.into());
+                        true
+                    },
+                );
+                if out.is_empty() {
                     if let Some(since) = step.next {
-                        let kind = history_request(&lp.feed, since, lp.max);
-                        match self.request(kind, Pending::Feed { client, feed: 0 }) {
+                        let kind = history_request(&lp.feed, since, &who, lp.max, lp.max_bytes);
+                        let bucket = self.bucket_of(client);
+                        match self.request(kind, Waiting::Feed { client, feed: 0 }, bucket) {
                             Ok(next) => return self.set_phase(client, 0, Phase::History(next)),
                             Err(m) => PollOutcome::Failed(internal(m)),
                         }
@@ -145,13 +171,8 @@ impl Hub {
                         }
                     }
                 } else {
-                    let rows = step
-                        .deliver
-                        .iter()
-                        .map(|r| Utf8Bytes::from(messages::change(r)))
-                        .collect();
                     PollOutcome::Rows {
-                        rows,
+                        rows: out,
                         cursor: lp.feed.cursor.clone(),
                     }
                 }

@@ -194,6 +194,8 @@ mod tests {
             new: Some("{\"a\":[1,2,{\"b\":\"\\u00e9\\n\"}]}".into()),
             old: Some("{broken".into()),
             metadata: None,
+            relid: 1,
+            audience: None,
         };
         let v: Value = serde_json::from_str(&change(&row)).unwrap();
         assert_eq!(

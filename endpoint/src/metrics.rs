@@ -1,23 +1,70 @@
 //! Endpoint counters and the Prometheus text exposition of `GET /metrics`.
 //!
-//! Everything runs on the endpoint's single thread, so the counters are plain `Cell`s.
+//! Counters are atomics (relaxed): the endpoint thread bumps most of them, but socket wrappers (which hyper
+//! requires to be `Send`) and the worker's [`crate::Endpoint::publish`] (channel gaps) bump some too.
 
-use std::cell::Cell;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::api::Status;
 
-#[derive(Default)]
-pub(crate) struct Metrics {
-    pub messages_sent: Cell<u64>,
-    pub bytes_sent: Cell<u64>,
-    pub slow_disconnects: Cell<u64>,
-    pub auth_failures: Cell<u64>,
-    pub rejected: Cell<u64>,
+/// Why a connection was refused or cut; each has a `changerelay_endpoint_refusals_total{reason=..}` counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    MaxClients,
+    PerAddress,
+    /// Evicted (oldest unauthenticated) to make room for a new connection.
+    UnauthenticatedLimit,
+    AuthTimeout,
+    Origin,
+    Host,
+    SlowClient,
+    WriteTimeout,
+    PingTimeout,
+    /// A one-shot request refused with 429: its token has too many requests queued.
+    RequestsPerToken,
+    TlsHandshake,
 }
 
-pub(crate) fn bump(c: &Cell<u64>, by: u64) {
-    c.set(c.get().wrapping_add(by));
+const REFUSALS: [(Refusal, &str); 11] = [
+    (Refusal::MaxClients, "max_clients"),
+    (Refusal::PerAddress, "per_address"),
+    (Refusal::UnauthenticatedLimit, "unauthenticated_limit"),
+    (Refusal::AuthTimeout, "auth_timeout"),
+    (Refusal::Origin, "origin"),
+    (Refusal::Host, "host"),
+    (Refusal::SlowClient, "slow_client"),
+    (Refusal::WriteTimeout, "write_timeout"),
+    (Refusal::PingTimeout, "ping_timeout"),
+    (Refusal::RequestsPerToken, "requests_per_token"),
+    (Refusal::TlsHandshake, "tls_handshake"),
+];
+
+#[derive(Default)]
+pub(crate) struct Metrics {
+    pub messages_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub auth_failures: AtomicU64,
+    /// Batches the worker could not queue (replaced by a gap marker).
+    pub channel_gaps: AtomicU64,
+    /// Change feeds sent back to the history by a gap or a batch without its rows.
+    pub catch_ups: AtomicU64,
+    /// Version maps fetched again after a gap.
+    pub version_refetches: AtomicU64,
+    refusals: [AtomicU64; REFUSALS.len()],
+}
+
+pub(crate) fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Gauges the hub knows, for [`Metrics::render`].
+pub(crate) struct Gauges<'a> {
+    pub connections: usize,
+    pub unauthenticated: usize,
+    pub requests_in_flight: usize,
+    pub requests_queued: usize,
+    pub status: Option<&'a Status>,
 }
 
 impl Metrics {
@@ -26,66 +73,117 @@ impl Metrics {
         bump(&self.bytes_sent, bytes as u64);
     }
 
+    pub fn refused(&self, why: Refusal) {
+        if let Some(i) = REFUSALS.iter().position(|(r, _)| *r == why) {
+            bump(&self.refusals[i], 1);
+        }
+    }
+
+    pub fn refusals(&self, why: Refusal) -> u64 {
+        REFUSALS
+            .iter()
+            .position(|(r, _)| *r == why)
+            .map_or(0, |i| self.refusals[i].load(Ordering::Relaxed))
+    }
+
     /// The whole exposition, HELP and TYPE lines included.
-    pub fn render(&self, clients: usize, status: Option<&Status>) -> String {
-        let mut out = String::with_capacity(2048);
+    pub fn render(&self, g: &Gauges<'_>) -> String {
+        let mut out = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         metric(
             "changerelay_endpoint_clients",
             "gauge",
             "Open client connections of all kinds.",
-            clients as u64,
+            g.connections as u64,
+        );
+        metric(
+            "changerelay_endpoint_unauthenticated_clients",
+            "gauge",
+            "Open connections that have not authenticated yet.",
+            g.unauthenticated as u64,
+        );
+        metric(
+            "changerelay_endpoint_worker_requests_in_flight",
+            "gauge",
+            "Requests sent to the relay worker and not answered yet.",
+            g.requests_in_flight as u64,
+        );
+        metric(
+            "changerelay_endpoint_worker_requests_queued",
+            "gauge",
+            "Requests waiting for a per-token or global request slot.",
+            g.requests_queued as u64,
         );
         let counters = [
             (
                 "messages_sent",
                 "Messages (WebSocket messages, SSE events, HTTP responses) sent.",
-                &self.messages_sent,
+                load(&self.messages_sent),
             ),
-            ("bytes_sent", "Payload bytes sent to clients.", &self.bytes_sent),
+            ("bytes_sent", "Payload bytes sent to clients.", load(&self.bytes_sent)),
             (
                 "slow_client_disconnects",
                 "Clients cut because their send queue exceeded client_buffer.",
-                &self.slow_disconnects,
+                self.refusals(Refusal::SlowClient),
             ),
             (
                 "auth_failures",
                 "Requests refused for a missing or unknown token.",
-                &self.auth_failures,
+                load(&self.auth_failures),
             ),
             (
                 "rejected_connections",
                 "Connections refused with 503 because max_clients were open.",
-                &self.rejected,
+                self.refusals(Refusal::MaxClients),
+            ),
+            (
+                "channel_gaps",
+                "Batches the worker could not queue for the endpoint (subscribers caught up from history).",
+                load(&self.channel_gaps),
+            ),
+            (
+                "catch_ups",
+                "Change feeds sent back to the history by a gap or a batch without its rows.",
+                load(&self.catch_ups),
+            ),
+            (
+                "version_refetches",
+                "Version maps fetched again after a gap.",
+                load(&self.version_refetches),
             ),
         ];
-        for (name, help, cell) in counters {
-            metric(
-                &format!("changerelay_endpoint_{name}_total"),
-                "counter",
-                help,
-                cell.get(),
-            );
+        for (name, help, value) in counters {
+            metric(&format!("changerelay_endpoint_{name}_total"), "counter", help, value);
         }
-        let (lag, last, consuming) =
-            status.map_or((0, 0, 0), |s| (s.lag_bytes, s.last_event_id, u64::from(s.consuming)));
+        let name = "changerelay_endpoint_refusals_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Connections or requests refused or cut, by reason.\n# TYPE {name} counter"
+        );
+        for (i, (_, reason)) in REFUSALS.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", load(&self.refusals[i]));
+        }
+        let (lag, last, consuming) = g
+            .status
+            .map_or((0, 0, 0), |s| (s.lag_bytes, s.last_event_id, u64::from(s.consuming)));
+        let mut metric = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        };
         metric(
             "changerelay_worker_lag_bytes",
-            "gauge",
             "WAL bytes the relay worker is behind.",
             lag,
         );
         metric(
             "changerelay_worker_last_event_id",
-            "gauge",
             "Event id (commit LSN) of the last applied change.",
             last,
         );
         metric(
             "changerelay_worker_consuming",
-            "gauge",
             "1 while the relay worker consumes its slot.",
             consuming,
         );

@@ -5,16 +5,20 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::api::{Reply, RequestKind};
-use crate::conn::{authorize, reply_error_response, unavailable, Ctx};
-use crate::http::{Head, Response};
+use crate::metrics::Gauges;
 use crate::params::{percent_decode, valid_label};
+use crate::request::{
+    authorize, closed_response, reply_error_response, too_many_requests, unavailable, Ctx, Head, Joined,
+};
+use crate::requests::{Bucket, Waiting};
+use crate::response::Response;
 
-/// How long a one-shot request waits for the worker's answer.
+/// How long a one-shot request waits for the worker's answer (queueing included).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn health(ctx: &Ctx) -> Response {
     let hub = ctx.shared.hub.borrow();
-    let clients = hub.clients.len();
+    let clients = ctx.shared.admission.borrow().total;
     let (code, body) = match &hub.status {
         Some(s) => {
             let ok = s.consuming;
@@ -28,65 +32,66 @@ pub(crate) fn health(ctx: &Ctx) -> Response {
                 "clients": clients}),
         ),
     };
-    Response::json(code, body.to_string()).header("Cache-Control", "no-cache")
+    Response::json(code, body.to_string()).header("cache-control", "no-cache")
 }
 
 pub(crate) fn metrics(ctx: &Ctx) -> Response {
     let hub = ctx.shared.hub.borrow();
+    let admission = ctx.shared.admission.borrow();
+    let gauges = Gauges {
+        connections: admission.total,
+        unauthenticated: admission.unauthenticated,
+        requests_in_flight: hub.requests.in_flight(),
+        requests_queued: hub.requests.queued(),
+        status: hub.status.as_ref(),
+    };
     Response {
         status: 200,
-        headers: vec![("Content-Type", "text/plain; version=0.0.4; charset=utf-8".into())],
-        body: ctx.shared.metrics.render(hub.clients.len(), hub.status.as_ref()),
+        headers: vec![("content-type", "text/plain; version=0.0.4; charset=utf-8".into())],
+        body: ctx.shared.metrics.render(&gauges),
     }
 }
 
-/// `GET /versions/{label}`; `None` when the client is being closed (revoked, shutdown).
-pub(crate) async fn versions(head: &Head, ctx: &Ctx) -> Option<Response> {
+/// `GET /versions/{label}`.
+pub(crate) async fn versions(head: &Head, ctx: &Ctx) -> Response {
     let (_, who) = match authorize(head, ctx) {
         Ok(x) => x,
-        Err(r) => return Some(r),
+        Err(r) => return r,
     };
     let label = percent_decode(head.path.trim_start_matches("/versions/")).unwrap_or_default();
     if !valid_label(&label) {
-        return Some(Response::error(404, "unknown_label", "no such label"));
+        return Response::error(404, "unknown_label", "no such label");
     }
     if !who.allows(&label) {
-        return Some(Response::error(
-            403,
-            "forbidden",
-            &format!("this token may not read label {label:?}"),
-        ));
+        return Response::error(403, "forbidden", &format!("this token may not read label {label:?}"));
     }
+    let joined = Joined::new(ctx, &who);
     let rx = {
         let mut hub = ctx.shared.hub.borrow_mut();
         if hub.known_labels().is_some_and(|k| !k.contains(&label)) {
-            return Some(Response::error(
-                404,
-                "unknown_label",
-                &format!("unknown label {label:?}"),
-            ));
+            return Response::error(404, "unknown_label", &format!("unknown label {label:?}"));
         }
-        match hub.ask(RequestKind::VersionMap { label }) {
-            Ok(rx) => rx,
-            Err(m) => return Some(unavailable(&m)),
+        let bucket = who.token_key().map_or(Bucket::Client(joined.id), Bucket::Token);
+        if hub.requests.saturated(bucket) {
+            drop(hub);
+            return too_many_requests(ctx);
         }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Err(m) = hub.request(RequestKind::VersionMap { label }, Waiting::Oneshot(tx), bucket) {
+            return unavailable(&m);
+        }
+        rx
     };
     let answer = tokio::select! {
         biased;
-        _ = ctx.outbox.closed() => return None,
+        _ = joined.outbox.closed() => return closed_response(&joined.outbox),
         a = tokio::time::timeout(REPLY_TIMEOUT, rx) => a,
     };
     let json = match answer {
         Ok(Ok(Ok(Reply::VersionMap { json }))) => json,
-        Ok(Ok(Ok(_))) => {
-            return Some(Response::error(
-                500,
-                "internal",
-                "the relay worker answered the wrong question",
-            ))
-        }
-        Ok(Ok(Err(e))) => return Some(reply_error_response(&e)),
-        Ok(Err(_)) | Err(_) => return Some(unavailable("the relay worker did not answer in time")),
+        Ok(Ok(Ok(_))) => return Response::error(500, "internal", "the relay worker answered the wrong question"),
+        Ok(Ok(Err(e))) => return reply_error_response(&e),
+        Ok(Err(_)) | Err(_) => return unavailable("the relay worker did not answer in time"),
     };
     let etag = serde_json::from_str::<Value>(&json).ok().and_then(|v| {
         v.pointer("/data/all/v")
@@ -100,17 +105,13 @@ pub(crate) async fn versions(head: &Head, ctx: &Ctx) -> Option<Response> {
         _ => false,
     };
     let mut r = if matched {
-        Response {
-            status: 304,
-            headers: Vec::new(),
-            body: String::new(),
-        }
+        Response::not_modified()
     } else {
         Response::json(200, json)
     };
-    r = r.header("Cache-Control", "no-cache");
+    r = r.header("cache-control", "no-cache");
     if let Some(tag) = etag {
-        r = r.header("ETag", tag);
+        r = r.header("etag", tag);
     }
-    Some(r)
+    r
 }

@@ -1,19 +1,21 @@
-//! `GET /events`: Server-Sent Events.
+//! `GET /events`: Server-Sent Events, a streaming (chunked) hyper body.
 //!
 //! Each change is `id: <cursor>` / `event: change` / `data: <change object>`; idle streams get
 //! `event: checkpoint` with the cursor as id, so a browser's `Last-Event-ID` always resumes at the right place.
-//! An expired or foreign cursor gets `event: resync` and the stream ends.
+//! An expired or foreign cursor gets `event: resync` and the stream ends. A task moves the client's outbox into
+//! the body through a two-chunk channel, so a slow client holds its bytes in the outbox, where they count.
 
+use bytes::Bytes;
 use changerelay_core::filter::Filter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::auth::Principal;
 use crate::batch::Pos;
-use crate::conn::{authorize, bad_request, reply, unavailable, Ctx};
-use crate::http::{self, Head, Response};
 use crate::outbox::Out;
 use crate::params::{parse_filter_text, parse_labels, parse_since, resolve_labels, LabelRefusal, Query};
+use crate::request::{authorize, bad_request, unavailable, Ctx, Head, Joined};
+use crate::response::{event_stream, HttpResponse, Response};
+use crate::shared::spawn;
 
 /// A change-feed request (SSE or long-poll), checked.
 pub(crate) struct FeedRequest {
@@ -75,47 +77,48 @@ pub(crate) fn feed_request(head: &Head, ctx: &Ctx, last_event_id: bool) -> Resul
     })
 }
 
-pub(crate) async fn serve(mut stream: TcpStream, head: Head, ctx: Ctx) {
-    let req = match feed_request(&head, &ctx, true) {
-        Ok(r) => r,
-        Err(r) => return reply(&mut stream, &ctx, r).await,
-    };
-    let started = ctx
-        .shared
-        .hub
-        .borrow_mut()
-        .start_feed(ctx.id, &req.who, (req.labels, req.filter), req.since, None);
+pub(crate) fn serve(head: Head, ctx: &Ctx) -> Result<HttpResponse, Response> {
+    let req = feed_request(&head, ctx, true)?;
+    let joined = Joined::new(ctx, &req.who);
+    let started =
+        ctx.shared
+            .hub
+            .borrow_mut()
+            .start_feed(joined.id, &req.who, (req.labels, req.filter), req.since, None);
     if let Err(m) = started {
-        return reply(&mut stream, &ctx, unavailable(&m)).await;
+        return Err(unavailable(&m));
     }
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-                X-Accel-Buffering: no\r\nConnection: close\r\n\r\nretry: 2000\n\n";
-    if !http::write_all(&mut stream, head.as_bytes()).await {
+    let (tx, rx) = mpsc::channel(2);
+    spawn(&ctx.shared, pump(tx, joined, ctx.clone()));
+    Ok(event_stream(rx))
+}
+
+/// Moves the outbox into the response body until the stream ends, the client goes or the hub closes it.
+async fn pump(tx: mpsc::Sender<Bytes>, joined: Joined, ctx: Ctx) {
+    let outbox = &joined.outbox;
+    if tx.send(Bytes::from_static(b"retry: 2000\n\n")).await.is_err() {
         return;
     }
-    let (mut rd, mut wr) = stream.split();
-    let mut sink = [0u8; 1024];
     'stream: loop {
         tokio::select! {
             biased;
-            _ = ctx.outbox.closed() => break,
-            _ = ctx.outbox.ready() => {
-                while let Some(item) = ctx.outbox.pop() {
+            _ = outbox.closed() => break,
+            _ = tx.closed() => break,
+            _ = outbox.ready() => {
+                while let Some(item) = outbox.pop() {
                     let Out::Data(text) = item else { break 'stream };
+                    let len = text.len();
                     tokio::select! {
                         biased;
-                        _ = ctx.outbox.closed() => break 'stream,
-                        w = wr.write_all(text.as_bytes()) => if w.is_err() { break 'stream },
+                        _ = outbox.closed() => break 'stream,
+                        sent = tx.send(Bytes::from(text)) => if sent.is_err() { break 'stream },
                     }
-                    ctx.shared.metrics.sent(text.len());
+                    ctx.shared.metrics.sent(len);
                 }
-                if ctx.outbox.take_resume() {
-                    ctx.shared.hub.borrow_mut().resume(ctx.id);
+                if outbox.take_resume() {
+                    ctx.shared.hub.borrow_mut().resume(joined.id);
                 }
             }
-            // The client sends nothing; end when it goes away.
-            n = rd.read(&mut sink) => if !matches!(n, Ok(n) if n > 0) { break },
         }
     }
-    http::finish(&mut stream, std::time::Duration::from_millis(200)).await;
 }

@@ -7,14 +7,15 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::api::RequestKind;
+use crate::api::MAX_HISTORY_ROWS;
 use crate::auth::Principal;
 use crate::batch::Pos;
-use crate::fanout::{history_request, HISTORY_CHUNK};
+use crate::fanout::{history_request, page_bytes};
 use crate::feed::{Feed, Phase};
-use crate::hub::{ClientId, Hub, Kind, LongPoll, Pending, PollOutcome, VState, WsSubs};
+use crate::hub::{ClientId, Hub, Kind, LongPoll, PollOutcome, WsSubs};
 use crate::messages;
 use crate::params::{parse_filter_value, parse_since, valid_label, MAX_LABELS};
+use crate::requests::{Bucket, Waiting};
 
 /// Per WebSocket connection: labels with versions, and change feeds.
 const MAX_VERSION_LABELS: usize = 1024;
@@ -45,9 +46,8 @@ fn err_label(code: &'static str, message: impl Into<String>, label: &str) -> Cmd
 }
 
 impl Hub {
-    pub(crate) fn become_ws(&mut self, id: ClientId, who: &Principal) {
+    pub(crate) fn become_ws(&mut self, id: ClientId) {
         if let Some(c) = self.clients.get_mut(&id) {
-            c.who = Some(who.clone());
             c.kind = Kind::Ws(WsSubs::default());
         }
     }
@@ -153,14 +153,7 @@ impl Hub {
         );
         if versions {
             for l in &labels {
-                let pending = Pending::WsVersions {
-                    client: id,
-                    label: l.clone(),
-                };
-                let rid = self
-                    .request(RequestKind::VersionMap { label: l.clone() }, pending)
-                    .map_err(|m| err_label("internal", m, l))?;
-                self.with_ws(id, |ws| ws.versions.insert(l.clone(), VState::Pending(rid)));
+                self.ask_version_map(id, l);
             }
         }
         if changes {
@@ -172,9 +165,10 @@ impl Hub {
             let Some(fid) = fid else { return Ok(()) };
             let mut feed = Feed::new(labels, filter, start);
             if let Some((s, _)) = since {
-                let pending = Pending::Feed { client: id, feed: fid };
+                let kind = history_request(&feed, s, &who, MAX_HISTORY_ROWS, page_bytes(&self.cfg));
+                let bucket = self.bucket_of(id);
                 let rid = self
-                    .request(history_request(&feed, s, HISTORY_CHUNK), pending)
+                    .request(kind, Waiting::Feed { client: id, feed: fid }, bucket)
                     .map_err(|m| err("internal", m))?;
                 feed.phase = Phase::History(rid);
             }
@@ -203,8 +197,8 @@ impl Hub {
         }
     }
 
-    /// Starts a change feed for an SSE client (`max` None) or a long-poll (`max` Some, with its deadline);
-    /// `Err` when the worker cannot be asked.
+    /// Starts a change feed for an SSE client (`poll` None) or a long-poll (`poll`: its `max` rows and
+    /// deadline; its answer is bounded by `client_buffer` bytes); `Err` when the worker cannot be asked.
     pub(crate) fn start_feed(
         &mut self,
         id: ClientId,
@@ -214,15 +208,19 @@ impl Hub {
         poll: Option<(u32, Instant)>,
     ) -> Result<Option<oneshot::Receiver<PollOutcome>>, String> {
         let mut f = Feed::new(feed.0, feed.1, since.clone().or_else(|| self.head.clone()));
+        let max_bytes = self.cfg.client_buffer;
         if let Some((s, _)) = since {
-            let max = poll.map_or(HISTORY_CHUNK, |(m, _)| m);
-            let rid = self.request(history_request(&f, s, max), Pending::Feed { client: id, feed: 0 })?;
+            let kind = match poll {
+                Some((max, _)) => history_request(&f, s, who, max, max_bytes),
+                None => history_request(&f, s, who, MAX_HISTORY_ROWS, page_bytes(&self.cfg)),
+            };
+            let bucket = who.token_key().map_or(Bucket::Client(id), Bucket::Token);
+            let rid = self.request(kind, Waiting::Feed { client: id, feed: 0 }, bucket)?;
             f.phase = Phase::History(rid);
         }
         let Some(c) = self.clients.get_mut(&id) else {
             return Ok(None);
         };
-        c.who = Some(who.clone());
         Ok(match poll {
             None => {
                 c.kind = Kind::Sse(f);
@@ -233,6 +231,7 @@ impl Hub {
                 c.kind = Kind::LongPoll(LongPoll {
                     feed: f,
                     max,
+                    max_bytes,
                     deadline,
                     done: Some(tx),
                 });

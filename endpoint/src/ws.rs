@@ -1,30 +1,34 @@
-//! `GET /ws`: the WebSocket handshake (by hand, after our own HTTP parsing) and the connection loop.
+//! `GET /ws`: the WebSocket handshake (checked here, upgraded through hyper) and the connection loop.
 //!
-//! One task per connection reads client commands, writes its outbox, pings every 30 s and watches for the
-//! hub closing it. Close codes: 1001 shutdown, 1002 protocol error, 1003 binary message, 1007 invalid UTF-8,
-//! 1009 message too large, 4001 slow client, 4003 token revoked.
+//! One task per connection reads client commands, writes its outbox, pings every `ping_interval` and closes
+//! a client that sends nothing for `pong_timeout` after a ping. Close codes: 1000 normal end, 1001 shutdown,
+//! 1002 protocol error, 1003 binary message, 1007 invalid UTF-8, 1009 message too large, 1011 no pong,
+//! 4001 slow client, 4003 token revoked.
 
-use std::rc::Rc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
-use tokio::time::{interval_at, timeout, Instant};
+use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::time::{interval_at, sleep_until, timeout, Instant};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Error as WsError, Message};
 
-use crate::conn::{authorize, bad_request, reply, Ctx};
-use crate::http::{self, Head, Response};
 use crate::messages;
-use crate::outbox::{CloseReason, Out, Outbox};
+use crate::metrics::Refusal;
+use crate::outbox::{CloseReason, Out};
+use crate::request::{authorize, bad_request, Ctx, Head, Joined};
+use crate::response::{Body, HttpResponse, Response};
+use crate::shared::spawn;
 
-const PING_EVERY: Duration = Duration::from_secs(30);
 pub(crate) const SLOW_REASON: &str = "slow client: send queue exceeded changerelay.client_buffer";
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Why the loop ended: a close frame to send (code, reason, grace), or nothing (peer gone or closed).
 enum End {
@@ -40,12 +44,14 @@ fn valid_key(key: &str) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }
 
-pub(crate) async fn serve(mut stream: TcpStream, head: Head, ctx: Ctx) {
+/// Checks the handshake and answers 101, leaving the connection to a task; or the refusal.
+pub(crate) fn serve(req: &mut Request<Incoming>, head: Head, ctx: &Ctx) -> Result<HttpResponse, Response> {
     if !head.has_token("upgrade", "websocket") {
-        let r = Response::error(426, "upgrade_required", "this endpoint speaks WebSocket only")
-            .header("Upgrade", "websocket")
-            .header("Sec-WebSocket-Version", "13");
-        return reply(&mut stream, &ctx, r).await;
+        return Err(
+            Response::error(426, "upgrade_required", "this endpoint speaks WebSocket only")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13"),
+        );
     }
     let key = head.header("sec-websocket-key").unwrap_or("").to_string();
     let problem = if !head.has_token("connection", "upgrade") {
@@ -58,41 +64,50 @@ pub(crate) async fn serve(mut stream: TcpStream, head: Head, ctx: Ctx) {
         None
     };
     if let Some(p) = problem {
-        return reply(&mut stream, &ctx, bad_request(p).header("Sec-WebSocket-Version", "13")).await;
+        return Err(bad_request(p).header("sec-websocket-version", "13"));
     }
-    let who = match authorize(&head, &ctx) {
-        Ok((_, who)) => who,
-        Err(r) => return reply(&mut stream, &ctx, r).await,
-    };
-    let accept = derive_accept_key(key.as_bytes());
-    let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    );
-    if !http::write_all(&mut stream, response.as_bytes()).await {
-        return;
-    }
-    ctx.shared.hub.borrow_mut().become_ws(ctx.id, &who);
-    let max = ctx.shared.cfg.max_client_message;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(8 << 10)
-        .write_buffer_size(64 << 10)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
-    let mut ws = WebSocketStream::from_partially_read(stream, head.leftover, Role::Server, Some(config)).await;
-    let end = run(&mut ws, &ctx).await;
-    if let End::Close(code, reason, grace) = end {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
+    let (_, who) = authorize(&head, ctx)?;
+    let joined = Joined::new(ctx, &who);
+    ctx.shared.hub.borrow_mut().become_ws(joined.id);
+    let upgrade = hyper::upgrade::on(req);
+    let ctx2 = ctx.clone();
+    spawn(&ctx.shared, async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let max = ctx2.shared.cfg.max_client_message;
+        let config = WebSocketConfig::default()
+            .read_buffer_size(8 << 10)
+            .write_buffer_size(64 << 10)
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        let end = run(&mut ws, &ctx2, &joined).await;
+        if let End::Close(code, reason, grace) = end {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ = timeout(grace, ws.close(Some(frame))).await;
+        }
+        // Read until the client closes too (briefly), so unread input does not reset the close away.
+        let linger = if joined.outbox.close_reason() == Some(CloseReason::Shutdown) {
+            200
+        } else {
+            500
         };
-        let _ = timeout(grace, ws.close(Some(frame))).await;
+        let _ = timeout(Duration::from_millis(linger), async {
+            while ws.next().await.is_some() {}
+        })
+        .await;
+    });
+    let mut r = hyper::Response::new(Body::Full(None));
+    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("upgrade", hyper::header::HeaderValue::from_static("websocket"));
+    h.insert("connection", hyper::header::HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert("sec-websocket-accept", v);
     }
-    let linger = if ctx.outbox.close_reason() == Some(CloseReason::Shutdown) {
-        200
-    } else {
-        500
-    };
-    http::finish(ws.get_mut(), Duration::from_millis(linger)).await;
+    Ok(r)
 }
 
 fn closing(reason: CloseReason) -> End {
@@ -103,30 +118,41 @@ fn closing(reason: CloseReason) -> End {
     }
 }
 
-async fn run(ws: &mut Ws, ctx: &Ctx) -> End {
-    let outbox: &Rc<Outbox> = &ctx.outbox;
-    let mut ping = interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+async fn run(ws: &mut Ws, ctx: &Ctx, joined: &Joined) -> End {
+    let outbox = &joined.outbox;
+    let (every, patience) = (ctx.shared.cfg.ping_interval, ctx.shared.cfg.pong_timeout);
+    let mut ping = interval_at(Instant::now() + every, every);
+    // Set when a ping went out and nothing came back since.
+    let mut waiting_since: Option<Instant> = None;
     loop {
+        let pong_deadline = waiting_since.map(|t| t + patience);
         tokio::select! {
             biased;
             r = outbox.closed() => return closing(r),
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => ctx.shared.hub.borrow_mut().ws_command(ctx.id, &text),
-                Some(Ok(Message::Binary(_))) => {
-                    return End::Close(1003, "binary messages are not supported", Duration::from_millis(500))
+            msg = ws.next() => {
+                waiting_since = None;
+                match msg {
+                    Some(Ok(Message::Text(text))) => ctx.shared.hub.borrow_mut().ws_command(joined.id, &text),
+                    Some(Ok(Message::Binary(_))) => {
+                        return End::Close(1003, "binary messages are not supported", Duration::from_millis(500))
+                    }
+                    Some(Ok(_)) => {} // ping, pong (answered by tungstenite), close (replied; the stream ends next)
+                    Some(Err(WsError::Capacity(_))) => {
+                        let e = messages::error("too_large", "message exceeds changerelay.max_client_message", None);
+                        let _ = timeout(Duration::from_millis(500), ws.send(Message::text(e))).await;
+                        return End::Close(1009, "message too large", Duration::from_millis(500));
+                    }
+                    Some(Err(WsError::Utf8(_))) => return End::Close(1007, "invalid UTF-8", Duration::from_millis(500)),
+                    Some(Err(WsError::Protocol(_))) => return End::Close(1002, "protocol error", Duration::from_millis(500)),
+                    Some(Err(_)) | None => return End::Quiet,
                 }
-                Some(Ok(_)) => {} // ping, pong (answered by tungstenite), close (replied; the stream ends next)
-                Some(Err(WsError::Capacity(_))) => {
-                    let e = messages::error("too_large", "message exceeds changerelay.max_client_message", None);
-                    let _ = timeout(Duration::from_millis(500), ws.send(Message::text(e))).await;
-                    return End::Close(1009, "message too large", Duration::from_millis(500));
-                }
-                Some(Err(WsError::Utf8(_))) => return End::Close(1007, "invalid UTF-8", Duration::from_millis(500)),
-                Some(Err(WsError::Protocol(_))) => return End::Close(1002, "protocol error", Duration::from_millis(500)),
-                Some(Err(_)) | None => return End::Quiet,
-            },
+            }
+            _ = sleep_until(pong_deadline.unwrap_or_else(Instant::now)), if pong_deadline.is_some() => {
+                ctx.shared.metrics.refused(Refusal::PingTimeout);
+                return End::Close(1011, "no pong within pong_timeout", Duration::from_millis(250));
+            }
             _ = outbox.ready() => {
-                if let Some(end) = drain(ws, ctx).await {
+                if let Some(end) = drain(ws, ctx, joined).await {
                     return end;
                 }
             }
@@ -136,14 +162,15 @@ async fn run(ws: &mut Ws, ctx: &Ctx) -> End {
                     r = outbox.closed() => return closing(r),
                     sent = ws.send(Message::Ping(Bytes::new())) => if sent.is_err() { return End::Quiet },
                 }
+                waiting_since.get_or_insert_with(Instant::now);
             }
         }
     }
 }
 
 /// Writes everything queued; `Some` when the connection is to end.
-async fn drain(ws: &mut Ws, ctx: &Ctx) -> Option<End> {
-    let outbox = &ctx.outbox;
+async fn drain(ws: &mut Ws, ctx: &Ctx, joined: &Joined) -> Option<End> {
+    let outbox = &joined.outbox;
     while let Some(item) = outbox.pop() {
         let text = match item {
             Out::Data(text) => text,
@@ -158,7 +185,7 @@ async fn drain(ws: &mut Ws, ctx: &Ctx) -> Option<End> {
         ctx.shared.metrics.sent(len);
     }
     if outbox.take_resume() {
-        ctx.shared.hub.borrow_mut().resume(ctx.id);
+        ctx.shared.hub.borrow_mut().resume(joined.id);
     }
     tokio::select! {
         biased;

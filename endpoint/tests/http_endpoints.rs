@@ -134,8 +134,11 @@ fn websocket_handshake_errors() {
     assert_eq!(r.status, 400, "version");
     let r = request_head(
         fake.addr,
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        &format!(
+            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            fake.addr
+        ),
     );
     assert_eq!(r.status, 101);
     assert_eq!(r.header("Sec-WebSocket-Accept"), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));

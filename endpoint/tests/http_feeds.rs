@@ -160,7 +160,7 @@ fn sse_events(reader: &mut BufReader<TcpStream>, n: usize) -> Vec<(Option<String
 fn sse_open(addr: std::net::SocketAddr, path: &str, headers: &str) -> BufReader<TcpStream> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n").as_bytes())
         .unwrap();
     let mut r = BufReader::new(s);
     let mut status = String::new();
@@ -236,4 +236,21 @@ fn sse_resumes_from_last_event_id() {
     assert!(ev[0].2.contains("cursor_expired"));
     let mut rest = String::new();
     r.read_to_string(&mut rest).expect("ends");
+}
+
+#[test]
+fn an_sse_client_that_goes_away_is_noticed() {
+    let fake = Fake::trust();
+    let r = sse_open(fake.addr, "/events?labels=parameters", "");
+    assert_eq!(
+        metric(fake.addr, "changerelay_endpoint_clients"),
+        2,
+        "the stream and the metrics request"
+    );
+    drop(r);
+    // Noticed at the latest when the next checkpoint (300 ms) fails to write.
+    assert!(wait_until(Duration::from_secs(3), || metric(
+        fake.addr,
+        "changerelay_endpoint_clients"
+    ) == 1));
 }

@@ -214,7 +214,11 @@ fn shutdown_closes_1001_within_a_second() {
     );
     let mut b = ws_connect(fake.addr, "/ws");
     let mut sse = std::net::TcpStream::connect(fake.addr).unwrap();
-    std::io::Write::write_all(&mut sse, b"GET /events?labels=parameters HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    std::io::Write::write_all(
+        &mut sse,
+        format!("GET /events?labels=parameters HTTP/1.1\r\nHost: {}\r\n\r\n", fake.addr).as_bytes(),
+    )
+    .unwrap();
     let poll = {
         let addr = fake.addr;
         std::thread::spawn(move || get(addr, "/changes?labels=parameters&wait=60s", &[]))

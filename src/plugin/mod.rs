@@ -406,8 +406,8 @@ unsafe extern "C-unwind" fn message(
         };
         (PluginState::get(ctx), CStr::from_ptr(prefix).to_string_lossy(), bytes)
     };
-    // SAFETY: txn is live (or null for a non-transactional message).
     let ts = if transactional && !txn.is_null() {
+        // SAFETY: a transactional message's txn is live during the callback.
         unsafe { PluginState::txn(txn) }
     } else {
         None

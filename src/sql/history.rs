@@ -178,6 +178,14 @@ pub fn cursor_after(view: &ChangeView) -> Cursor {
     }
 }
 
+/// Bytes of the JSON texts of a row, as replies count them.
+pub fn text_bytes(v: &ChangeView) -> usize {
+    [&v.key, &v.new, &v.old, &v.metadata]
+        .iter()
+        .map(|t| t.as_ref().map_or(0, String::len))
+        .sum()
+}
+
 /// Rows read per query while a filter drops some of them.
 const FILTERED_PAGE: i64 = 1000;
 
@@ -232,7 +240,7 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
                 if req.filter.as_ref().is_some_and(|f| !view.matches(f)) {
                     continue;
                 }
-                bytes += view.new.as_ref().map_or(0, String::len) + view.old.as_ref().map_or(0, String::len);
+                bytes += text_bytes(&view);
                 out.push(view);
                 if out.len() >= want || bytes >= req.max_bytes {
                     return Ok(());
@@ -329,6 +337,8 @@ fn tuple(v: ChangeView) -> ChangeTuple {
 
 /// The changes strictly after `since` (NULL: the oldest retained), in commit
 /// order, at most `max_events`. Each row's cursor is the position after it.
+// pgrx spells the SQL row type out in the signature.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile)]
 fn changes(
     since: default!(Option<&str>, "NULL"),
@@ -364,6 +374,8 @@ fn interval_ms(i: &Interval) -> i64 {
 
 /// Like `changes()`, but when nothing follows `since` (NULL: now) it sleeps
 /// until the relay worker applies changes or `timeout` passes.
+// pgrx spells the SQL row type out in the signature.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile)]
 fn watch(
     since: default!(Option<&str>, "NULL"),

@@ -152,6 +152,24 @@ fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) ->
         }
     }
     let creator = access::current_role();
+    for label in &labels {
+        let limited = select_one::<bool>(
+            "SELECT changerelay.label_row_security_applies($1, $2)",
+            &[label.as_str().into(), creator.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(true);
+        if limited {
+            raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("label \"{label}\" has a table whose row-level security applies to the current role"),
+                Some("The endpoint's version maps are per label and would show identifiers of rows the role may not see.".into()),
+                "Read this label with changerelay.changes()/watch() and versions() in SQL (row-level security applies), \
+                 or create the token as a role that bypasses the policies.",
+            );
+        }
+    }
     let exists = select_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM changerelay.tokens WHERE name = $1)",
         &[name.into()],
@@ -222,6 +240,8 @@ fn revoke_token(name: &str) {
 }
 
 /// The tokens, without their secrets.
+// pgrx spells the SQL row type out in the signature.
+#[allow(clippy::type_complexity)]
 #[pg_extern(stable)]
 fn tokens() -> TableIterator<
     'static,

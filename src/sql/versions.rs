@@ -311,6 +311,7 @@ fn status() -> JsonB {
                 2 => "failed (see the server log)",
                 _ => "off",
             },
+            "restarts": st.endpoint_restarts.load(Ordering::Relaxed),
         },
     }))
 }

@@ -27,8 +27,6 @@ use std::time::{Duration, Instant};
 
 /// Time a loop turn spends answering requests before decoding again.
 const TURN_BUDGET: Duration = Duration::from_millis(20);
-/// Largest history page a request may ask for.
-const MAX_PAGE: u32 = 10_000;
 /// Status is republished at least this often (lag moves without batches).
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// Tokens are reloaded at least this often.
@@ -76,11 +74,32 @@ pub fn start() -> Option<Link> {
             )
         }
     };
+    let tls = match gucs::endpoint_tls() {
+        None => None,
+        Some((cert, key)) if cert.is_empty() || key.is_empty() => {
+            return failed(
+                "changerelay.ssl_cert_file and changerelay.ssl_key_file must be set together",
+                "Set both (PEM files), or neither for plain HTTP on loopback.",
+            )
+        }
+        Some((cert, key)) => Some(ep::TlsFiles {
+            cert_chain: cert.into(),
+            private_key: key.into(),
+        }),
+    };
     let config = ep::Config {
         listen,
         max_clients: gucs::max_clients(),
+        max_unauthenticated: gucs::max_unauthenticated(),
+        max_per_address: gucs::max_connections_per_address(),
+        auth_timeout: gucs::auth_timeout(),
         client_buffer: gucs::client_buffer_bytes(),
         auth,
+        tls,
+        allow_plain_token_auth_on_network: gucs::allow_plaintext_tokens(),
+        allowed_origins: gucs::allowed_origins(),
+        allowed_hosts: gucs::allowed_hosts(),
+        debug_panic_path: gucs::debug_endpoint_panic(),
         ..ep::Config::default()
     };
     match ep::start(config) {
@@ -102,7 +121,7 @@ pub fn start() -> Option<Link> {
         }
         Err(e) => failed(
             &e,
-            "Check changerelay.listen_addresses and changerelay.port; the worker decodes on.",
+            "Check changerelay.listen_addresses, changerelay.port and the TLS settings; the worker decodes on.",
         ),
     }
 }
@@ -142,6 +161,7 @@ impl Link {
     /// too many to publish.
     pub fn publish_batch(&mut self, fresh: Option<Fresh>, updates: &VersionUpdates) {
         let (system_id, timeline) = cursors::cluster();
+        let rows_omitted = fresh.is_none();
         let fresh = fresh.unwrap_or_default();
         let metadata: std::collections::HashMap<u64, String> = fresh.metadata.into_iter().collect();
         let changes = fresh
@@ -204,12 +224,18 @@ impl Link {
             head,
             changes,
             versions,
+            rows_omitted,
         }));
     }
 
     /// Between batches: reloads labels and tokens when they changed,
-    /// publishes the status, answers pending requests.
-    pub fn tick(&mut self, installed: bool) {
+    /// publishes the status, answers pending requests. False when the
+    /// endpoint thread has ended (the caller drops the link and starts a new
+    /// endpoint).
+    pub fn tick(&mut self, installed: bool) -> bool {
+        if !self.endpoint.is_running() {
+            return false;
+        }
         if installed && (self.labels_stale || self.head.is_none()) {
             let (labels, head) = BackgroundWorker::transaction(|| (load_labels(), cursors::current()));
             self.labels = labels;
@@ -219,12 +245,14 @@ impl Link {
         }
         self.refresh_tokens(installed);
         self.publish_status();
-        self.port.drain_wake();
+        if self.port.drain_wake() == ep::Wake::Closed {
+            return false;
+        }
         while let Some(r) = self.port.try_recv() {
             self.backlog.push_back(r);
         }
         if self.backlog.is_empty() {
-            return;
+            return true;
         }
         if !installed {
             while let Some(r) = self.backlog.pop_front() {
@@ -233,7 +261,7 @@ impl Link {
                     Err(internal("pg_changerelay is not installed in this database yet")),
                 );
             }
-            return;
+            return true;
         }
         // Requests get a slice of each turn, each under a time limit, so
         // that decoding is never starved; the rest wait for the next turn.
@@ -260,6 +288,7 @@ impl Link {
             // SAFETY: setting our own latch makes the next wait return at once.
             unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
         }
+        true
     }
 
     fn reply(&self, id: u64, result: Result<ep::Reply, ep::ReplyError>) {
@@ -328,26 +357,33 @@ impl Link {
 }
 
 /// Runs `f` in a subtransaction; a Postgres error becomes an `Internal`
-/// reply instead of ending the worker.
+/// reply instead of ending the worker. The client is told what kind of
+/// failure it was, the server log gets the error itself (it may name
+/// tables or values the client has no business seeing).
 fn guarded(f: impl FnOnce() -> Result<ep::Reply, ep::ReplyError>) -> Result<ep::Reply, ep::ReplyError> {
-    // SAFETY: inside the transaction BackgroundWorker::transaction started;
-    // the subtransaction is released or rolled back before returning, and
-    // the memory context and resource owner are restored as PL/pgSQL does.
-    unsafe {
-        let cxt = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(cxt);
-        let result = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
-            .catch_others(|e| Err(internal(&format!("{e:?}"))))
-            .execute();
-        match &result {
-            Err(e) if e.kind == ep::ReplyErrorKind::Internal => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
-            _ => pg_sys::ReleaseCurrentSubTransaction(),
+    let mut reply_error = None;
+    let result = crate::txn::try_subtransaction(|| match f() {
+        Ok(reply) => Ok(reply),
+        // A refusal (bad cursor, unknown label) is an answer: keep the
+        // subtransaction's work, there is none to undo.
+        Err(e) if e.kind != ep::ReplyErrorKind::Internal => {
+            reply_error = Some(e);
+            Err(String::new())
         }
-        pg_sys::MemoryContextSwitchTo(cxt);
-        pg_sys::CurrentResourceOwner = owner;
-        result
+        Err(e) => Err(e.message),
+    });
+    match (result, reply_error) {
+        (Ok(reply), _) => Ok(reply),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => {
+            let cancelled = e.contains("statement timeout");
+            log!("pg_changerelay relay: an endpoint request failed: {e}");
+            Err(internal(if cancelled {
+                "the request took longer than changerelay.request_timeout"
+            } else {
+                "the request failed on the server (see its log)"
+            }))
+        }
     }
 }
 
@@ -374,11 +410,28 @@ fn answer(kind: &ep::RequestKind, labels: &[String]) -> Result<ep::Reply, ep::Re
             labels: wanted,
             max,
             filter,
-        } => read_history(since, wanted, *max, filter.as_deref()),
+            max_bytes,
+            role,
+        } => {
+            let read = || read_history(since, wanted, *max, *max_bytes, filter.as_deref());
+            if *role == 0 {
+                read()
+            } else {
+                // A token reads with its creator's privileges (grants and
+                // row-level security apply).
+                crate::sql::access::as_role(pg_sys::Oid::from(*role), read)
+            }
+        }
     }
 }
 
-fn read_history(since: &str, labels: &[String], max: u32, filter: Option<&str>) -> Result<ep::Reply, ep::ReplyError> {
+fn read_history(
+    since: &str,
+    labels: &[String],
+    max: u32,
+    max_bytes: u32,
+    filter: Option<&str>,
+) -> Result<ep::Reply, ep::ReplyError> {
     let after = cursors::validate_cursor(since).map_err(|p| {
         let kind = match p {
             CursorProblem::Malformed(_) => ep::ReplyErrorKind::Malformed,
@@ -402,16 +455,17 @@ fn read_history(since: &str, labels: &[String], max: u32, filter: Option<&str>) 
                 })?,
         ),
     };
-    let max = max.clamp(1, MAX_PAGE);
+    let max = max.clamp(1, ep::MAX_HISTORY_ROWS);
     let req = history::Request {
         after,
         labels: Some(labels.to_vec()),
         max_events: max as i32,
         filter,
-        max_bytes: usize::MAX,
+        max_bytes: max_bytes.max(1) as usize,
     };
     let rows = history::read_rows(&req).map_err(|e| internal(&e))?;
-    let more = rows.len() as u32 >= max;
+    let bytes: usize = rows.iter().map(history::text_bytes).sum();
+    let more = rows.len() as u32 >= max || bytes >= req.max_bytes;
     let (system_id, timeline) = cursors::cluster();
     let head = match rows.last() {
         Some(r) if more => history::cursor_after(r).encode(),
@@ -443,6 +497,8 @@ fn change_row(v: ChangeView, system_id: u64, timeline: u32) -> ep::ChangeRow {
         new: v.new,
         old: v.old,
         metadata: v.metadata,
+        relid: v.relid,
+        audience: None,
     }
 }
 
@@ -461,14 +517,18 @@ fn load_labels() -> Vec<String> {
 
 /// The tokens, each narrowed to the labels its creator may read now (a
 /// creator that lost SELECT, or a label that gained a table the creator can
-/// not read, takes the label out; a dropped creator, every label).
+/// not read, takes the label out; a dropped creator, every label) and, since
+/// version maps are per label, without labels whose row-level security
+/// would hide rows from the creator (create_token() refuses those).
 fn load_tokens() -> Vec<ep::Token> {
     select_all(
-        "SELECT t.name, t.secret_sha256,
-                ARRAY(SELECT l FROM pg_catalog.unnest(t.labels) AS l
-                       WHERE coalesce(changerelay.label_readable(l, t.creator), false)),
-                t.rows_allowed
-           FROM changerelay.tokens t ORDER BY t.name",
+        "SELECT t.name, t.secret_sha256, e.labels, t.rows_allowed, t.creator,
+                ARRAY(SELECT tt.rel::oid FROM changerelay.tracked_tables tt WHERE tt.label = ANY (e.labels))
+           FROM changerelay.tokens t,
+                LATERAL (SELECT ARRAY(SELECT l FROM pg_catalog.unnest(t.labels) AS l
+                                       WHERE coalesce(changerelay.label_readable(l, t.creator), false)
+                                         AND NOT changerelay.label_row_security_applies(l, t.creator)) AS labels) e
+          ORDER BY t.name",
         &[],
         |r| {
             let hash = r.get::<Vec<u8>>(2)?.unwrap_or_default();
@@ -477,6 +537,13 @@ fn load_tokens() -> Vec<ep::Token> {
                 sha256: hash.try_into().unwrap_or([0u8; 32]),
                 labels: r.get::<Vec<String>>(3)?.unwrap_or_default(),
                 rows: r.get::<bool>(4)?.unwrap_or(false),
+                role: r.get::<pg_sys::Oid>(5)?.map_or(0, |o| o.to_u32()),
+                readable: r
+                    .get::<Vec<pg_sys::Oid>>(6)?
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|o| o.to_u32())
+                    .collect(),
             })
         },
     )

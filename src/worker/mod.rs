@@ -103,19 +103,13 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         link: endpoint::start(),
         persister: persist::Persister::default(),
         waiting_for_update: None,
+        endpoint_retry: None,
     };
     let mut sleep = Duration::ZERO;
     while wait(sleep, relay.link.as_ref().map(endpoint::Link::wake_fd)) {
-        if crate::compat::sighup_received() {
-            // SAFETY: reloading the configuration file between steps.
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            settings::apply_reloadable();
-        }
+        reload_if_asked();
         sleep = relay.step();
-        let installed = relay.installed;
-        if let Some(link) = relay.link.as_mut() {
-            link.tick(installed);
-        }
+        relay.serve_endpoint();
     }
     log!("pg_changerelay relay stopping");
     if let Some(link) = relay.link.take() {
@@ -161,6 +155,9 @@ struct Relay {
     persister: persist::Persister,
     /// The older extension version found installed, once warned about.
     waiting_for_update: Option<String>,
+    /// When to start the endpoint again after its thread ended, and the wait
+    /// after that.
+    endpoint_retry: Option<(std::time::Instant, Duration)>,
 }
 
 impl Relay {
@@ -365,18 +362,66 @@ const RETRY_BACKOFF: [Duration; 3] = [
     Duration::from_millis(2500),
 ];
 
-/// Sleeps for `d` on the latch, serving interrupts; false on SIGTERM.
+/// Sleeps for `d` on the latch, serving interrupts and reloading the
+/// configuration on SIGHUP (a setting may be what fixes the failure); false
+/// on SIGTERM.
 fn pause(d: Duration) -> bool {
     let deadline = std::time::Instant::now() + d;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() || !wait(left, None) {
+            reload_if_asked();
             return !crate::compat::sigterm_received();
         }
+        reload_if_asked();
+    }
+}
+
+/// Reloads the configuration file after SIGHUP.
+fn reload_if_asked() {
+    if crate::compat::sighup_received() {
+        // SAFETY: reloading the configuration file between steps.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        settings::apply_reloadable();
     }
 }
 
 impl Relay {
+    /// Lets the endpoint link do its turn; when the endpoint thread has
+    /// ended (a panic), drops it and starts a new one, after 1 s and then
+    /// up to 30 s between attempts: never a busy loop on a dead socket.
+    fn serve_endpoint(&mut self) {
+        let installed = self.installed;
+        if let Some(link) = self.link.as_mut() {
+            if link.tick(installed) {
+                return;
+            }
+            warning!("pg_changerelay relay: the endpoint thread has ended; starting it again in 1 s");
+            if let Some(s) = shmem::shared() {
+                s.status.endpoint_restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            endpoint::set_endpoint_state(endpoint::EndpointState::Failed);
+            self.link = None;
+            self.endpoint_retry = Some((
+                std::time::Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
+            ));
+            return;
+        }
+        let Some((at, wait)) = self.endpoint_retry else { return };
+        if std::time::Instant::now() < at {
+            return;
+        }
+        self.link = endpoint::start();
+        self.endpoint_retry = match self.link {
+            Some(_) => None,
+            None => {
+                let next = (wait * 2).min(Duration::from_secs(30));
+                Some((std::time::Instant::now() + next, next))
+            }
+        };
+    }
+
     /// Prunes history older than `changerelay.history_retention`, at most
     /// every tenth of the retention (between 1 s and 1 min). Writes (and so
     /// takes a transaction id) only when there is something to prune.

@@ -127,7 +127,7 @@ impl Persister {
         let statements = &mut self.statements;
         try_transaction(|| {
             if statements.is_none() {
-                *statements = Some(Spi::connect(|c| Statements::prepare(&c)).map_err(|e| e.to_string())?);
+                *statements = Some(Spi::connect(Statements::prepare).map_err(|e| e.to_string())?);
             }
             let Some(st) = statements.as_ref() else {
                 return Err("statements not prepared".to_string());
@@ -205,7 +205,7 @@ impl Persister {
             })
             .map_err(|e| e.to_string())?;
             if statements.is_none() {
-                *statements = Some(Spi::connect(|c| Statements::prepare(&c)).map_err(|e| e.to_string())?);
+                *statements = Some(Spi::connect(Statements::prepare).map_err(|e| e.to_string())?);
             }
             let Some(st) = statements.as_ref() else {
                 return Err("statements not prepared".to_string());

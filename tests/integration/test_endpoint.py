@@ -893,7 +893,7 @@ def test_health_503_while_disabled_and_200_again(db, tracked, tokens):
 def test_status_reports_the_endpoint(db):
     """changerelay.status() says the endpoint listens, and on which port."""
     ep = db.execute("SELECT changerelay.status()->'endpoint'").fetchone()[0]
-    assert ep == {"port": EP, "state": "listening"}, ep
+    assert ep == {"port": EP, "state": "listening", "restarts": 0}, ep
 
 
 def test_worker_sigterm_closes_websockets_with_1001_within_a_second(db, tracked, tokens):

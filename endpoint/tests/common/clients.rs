@@ -24,14 +24,43 @@ impl HttpResponse {
     }
 }
 
-/// Sends a raw request and reads the whole response (the server closes).
+/// Sends a raw request and reads one whole response: by Content-Length when there is one (the connection may
+/// stay open: keep-alive), else to the end of the connection.
 pub fn raw_request(addr: SocketAddr, request: &str) -> HttpResponse {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     s.write_all(request.as_bytes()).unwrap();
+    read_response(&mut s)
+}
+
+/// Reads one response from a stream (see [`raw_request`]).
+pub fn read_response(s: &mut impl Read) -> HttpResponse {
     let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    parse_response(&buf)
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = parse_response(&buf);
+    let length = head.header("content-length").and_then(|l| l.parse::<usize>().ok());
+    let bodiless = head.status == 304 || head.status == 204 || head.status < 200;
+    let mut body = Vec::new();
+    match (length, bodiless) {
+        (_, true) => {}
+        (Some(n), _) => {
+            body.resize(n, 0);
+            let _ = s.read_exact(&mut body);
+        }
+        (None, _) => {
+            let _ = s.read_to_end(&mut body);
+        }
+    }
+    HttpResponse {
+        body: String::from_utf8_lossy(&body).to_string(),
+        ..head
+    }
 }
 
 /// Sends a request and reads only the response head (for responses that keep the connection, such as 101).
@@ -67,7 +96,10 @@ pub fn parse_response(buf: &[u8]) -> HttpResponse {
 }
 
 pub fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n");
+    let mut req = format!("GET {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (n, v) in headers {
         req.push_str(&format!("{n}: {v}\r\n"));
     }

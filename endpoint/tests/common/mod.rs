@@ -41,7 +41,24 @@ pub fn token(secret: &str, labels: &[&str], rows: bool) -> Token {
         sha256: Sha256::digest(secret.as_bytes()).into(),
         labels: labels.iter().map(|s| s.to_string()).collect(),
         rows,
+        role: ROLE,
+        readable: (0..LABELS.len() as u32).map(relid_of_index).collect(),
     }
+}
+
+/// The role of test tokens.
+pub const ROLE: u32 = 16_384;
+
+fn relid_of_index(i: u32) -> u32 {
+    20_000 + i
+}
+
+/// The table OID the fake worker gives a label's rows.
+pub fn relid(label: &str) -> u32 {
+    LABELS
+        .iter()
+        .position(|l| *l == label)
+        .map_or(29_999, |i| relid_of_index(i as u32))
 }
 
 /// Everything the fake worker knows.
@@ -57,6 +74,8 @@ pub struct World {
     pub page: usize,
     pub reply_delay: Duration,
     pub requests: Vec<Request>,
+    /// Most requests the fake worker held unanswered at once.
+    pub max_waiting: usize,
 }
 
 impl World {
@@ -100,6 +119,7 @@ impl Fake {
             page: 7,
             reply_delay: Duration::ZERO,
             requests: Vec::new(),
+            max_waiting: 0,
         }));
         let endpoint = Arc::new(Mutex::new(Some(endpoint)));
         let stop = Arc::new(AtomicBool::new(false));
@@ -145,6 +165,16 @@ impl Handle {
 
     /// Commits one transaction of `rows` (new rows as JSON) in `label` and publishes its batch.
     pub fn commit(&self, label: &str, rows: &[Value]) -> Vec<ChangeRow> {
+        self.commit_with(label, rows, false)
+    }
+
+    /// Like [`Handle::commit`], but the published batch leaves its rows out (`rows_omitted`), as the worker
+    /// does for a huge transaction: subscribers must fetch them from the history.
+    pub fn commit_omitted(&self, label: &str, rows: &[Value]) -> Vec<ChangeRow> {
+        self.commit_with(label, rows, true)
+    }
+
+    fn commit_with(&self, label: &str, rows: &[Value], omitted: bool) -> Vec<ChangeRow> {
         let mut w = self.world.lock().unwrap();
         w.event_id += 16;
         let event_id = w.event_id;
@@ -167,6 +197,11 @@ impl Handle {
                 new: Some(new.to_string()),
                 old: None,
                 metadata: Some(json!({"actor": "test"}).to_string()),
+                relid: relid(label),
+                audience: new
+                    .get("audience")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_u64).map(|r| r as u32).collect()),
             };
             w.versions
                 .entry(label.into())
@@ -183,11 +218,12 @@ impl Handle {
         w.history.extend(changes.iter().cloned());
         let batch = Batch {
             head: w.head(),
-            changes: changes.clone(),
+            changes: if omitted { Vec::new() } else { changes.clone() },
             versions: vec![VersionDelta {
                 label: label.into(),
                 data: Value::Object(moved).to_string(),
             }],
+            rows_omitted: omitted,
         };
         // Published under the lock: replies (computed under it too) keep the worker's ordering.
         if let Some(e) = self.endpoint.lock().unwrap().as_ref() {
@@ -210,6 +246,17 @@ impl Handle {
 
     pub fn head(&self) -> String {
         self.world.lock().unwrap().head()
+    }
+
+    /// Waits until the endpoint accepts `secret` (the token list published before reached it).
+    pub fn wait_token(&self, secret: &str) {
+        let auth = format!("Bearer {secret}");
+        assert!(
+            clients::wait_until(Duration::from_secs(3), || {
+                clients::get(self.addr, "/changes?wait=0s&max=1", &[("Authorization", &auth)]).status != 401
+            }),
+            "token {secret} never accepted"
+        );
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -252,5 +299,6 @@ pub fn test_config(auth: Auth) -> Config {
         checkpoint_every: Duration::from_millis(300),
         max_client_message: 4096,
         header_timeout: Duration::from_millis(500),
+        ..Config::default()
     }
 }

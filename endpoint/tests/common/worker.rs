@@ -26,13 +26,18 @@ pub fn worker_loop(
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY (test): one valid pollfd.
+        // SAFETY: (a test) one valid pollfd.
         unsafe { libc::poll(&mut fds, 1, 2) };
-        port.drain_wake();
+        if port.drain_wake() == Wake::Closed {
+            // The endpoint thread ended (a test killed it): nothing more to answer.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            continue;
+        }
         while let Some(r) = port.try_recv() {
             queue.push((Instant::now(), r));
         }
         let mut w = world.lock().unwrap();
+        w.max_waiting = w.max_waiting.max(queue.len());
         let delay = w.reply_delay;
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = queue.drain(..).partition(|(t, _)| now >= *t + delay);
@@ -77,6 +82,8 @@ fn answer(w: &World, kind: &RequestKind) -> Result<Reply, ReplyError> {
             labels,
             max,
             filter,
+            max_bytes,
+            ..
         } => {
             let c = match Cursor::decode(since) {
                 Ok(c) => c,
@@ -111,8 +118,18 @@ fn answer(w: &World, kind: &RequestKind) -> Result<Reply, ReplyError> {
                 .take(limit + 1)
                 .cloned()
                 .collect();
-            let more = rows.len() > limit;
-            let rows: Vec<ChangeRow> = rows.into_iter().take(limit).collect();
+            // Like the worker: stop once the page reaches max_bytes, but always return at least one row.
+            let mut bytes = 0usize;
+            let mut fit = 0;
+            for r in rows.iter().take(limit) {
+                if fit > 0 && bytes >= *max_bytes as usize {
+                    break;
+                }
+                bytes += row_bytes(r);
+                fit += 1;
+            }
+            let more = rows.len() > fit;
+            let rows: Vec<ChangeRow> = rows.into_iter().take(fit).collect();
             let head = if more {
                 rows.last().unwrap().cursor.clone()
             } else {
@@ -121,4 +138,18 @@ fn answer(w: &World, kind: &RequestKind) -> Result<Reply, ReplyError> {
             Ok(Reply::History { rows, head, more })
         }
     }
+}
+
+/// The bytes a row counts for against `max_bytes`: its text fields.
+pub fn row_bytes(r: &ChangeRow) -> usize {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    r.cursor.len()
+        + r.label.len()
+        + r.table_name.len()
+        + r.op.len()
+        + opt(&r.identifier)
+        + opt(&r.key)
+        + opt(&r.new)
+        + opt(&r.old)
+        + opt(&r.metadata)
 }

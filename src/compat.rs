@@ -167,7 +167,9 @@ pub fn sighup_received() -> bool {
     GOT_SIGHUP.swap(false, Ordering::SeqCst)
 }
 
-/// Whether SIGTERM arrived since the last call.
+/// Whether SIGTERM arrived. It stays set: a shutdown request does not go
+/// away because one check saw it (the retry backoff and the main loop both
+/// look).
 pub fn sigterm_received() -> bool {
-    GOT_SIGTERM.swap(false, Ordering::SeqCst)
+    GOT_SIGTERM.load(Ordering::SeqCst)
 }

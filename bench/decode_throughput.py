@@ -100,6 +100,53 @@ def measure(dsn, rows, batch=10_000, repeat=3, log=sys.stderr):
     return {"changed_rows": changed, "repeat": repeat, "results": results}
 
 
+MIXED_TABLE = "CREATE TABLE bench_mixed (id int PRIMARY KEY, t text, ts timestamptz, n numeric, j jsonb)"
+
+
+def measure_mixed(dsn, rows=200_000, repeat=3, log=sys.stderr):
+    """Issue 13's decoding comparison: a table of text, int, timestamptz, numeric and jsonb columns, `rows` rows
+    inserted (in transactions of 10,000), each plugin's slot peeked (best of `repeat`); ratios to pgoutput."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET work_mem = '256MB'")
+        conn.execute("ALTER SYSTEM SET changerelay.enabled = off")
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute("DROP TABLE IF EXISTS bench_mixed")
+        conn.execute(MIXED_TABLE)
+        conn.execute("DROP PUBLICATION IF EXISTS bench_mixed_pub")
+        conn.execute("CREATE PUBLICATION bench_mixed_pub FOR TABLE bench_mixed")
+        plugins = [(n, p, f, [o if o != "bench_pub" else "bench_mixed_pub" for o in opts])
+                   for n, p, f, opts in PLUGINS]
+        slots = []
+        for i, (_, plugin, _, _) in enumerate(plugins):
+            slot = f"bench_mixed_{i}"
+            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+                         (slot,))
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, plugin))
+            slots.append(slot)
+        for lo in range(0, rows, 10_000):
+            conn.execute("""INSERT INTO bench_mixed SELECT g, 'name ' || g, '2026-01-01'::timestamptz + g * interval '1 s',
+                              (g %% 100000) / 100.0, jsonb_build_object('g', g, 'tag', 'x' || (g %% 10))
+                              FROM generate_series(%s::int, %s::int) g""", (lo, min(rows, lo + 10_000) - 1))
+        results = []
+        try:
+            for (name, _, function, options), slot in zip(plugins, slots):
+                secs, messages, nbytes = time_decode(conn, slot, function, options, repeat)
+                results.append({"plugin": name, "seconds": secs, "messages": messages, "bytes": nbytes,
+                                "rows_per_second": rows / secs})
+                print(f"  mixed {name:24} {secs:8.3f} s  {rows / secs:12,.0f} rows/s  {nbytes:14,} bytes", file=log)
+        finally:
+            for slot in slots:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            conn.execute("DROP PUBLICATION bench_mixed_pub")
+            conn.execute("DROP TABLE bench_mixed")
+            conn.execute("ALTER SYSTEM RESET changerelay.enabled")
+            conn.execute("SELECT pg_reload_conf()")
+    base = next(r for r in results if r["plugin"] == "pgoutput v1")
+    for r in results:
+        r["ratio_to_pgoutput"] = r["rows_per_second"] / base["rows_per_second"]
+    return {"rows": rows, "repeat": repeat, "results": results}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dsn", default=f"host=127.0.0.1 port={os.environ.get('PGCR_PORT', '5499')} user=postgres dbname=postgres")

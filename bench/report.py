@@ -55,6 +55,7 @@ def targets(w):
     x = w.get("overhead", {}).get("changerelay_vs_trigger_8_clients")
     out.append(("write overhead, 8 clients: tracked >= 1.5x trigger+NOTIFY TPS", "n/a" if x is None else f"{x:.2f}x",
                 None if x is None else x >= 1.5))
+    out += throughput_targets(w)
     r = find(w.get("fanout", {}).get("runs", []), subscribers=1000)
     x = r and r["messages_per_s"]
     note = ""
@@ -63,6 +64,44 @@ def targets(w):
                 + ("; the clients are the limit" if r["client_cpu_cores"] > r["worker_cpu_cores"] else "") + ")")
     out.append(("fan-out >= 200,000 messages/s to 1,000 subscribers",
                 ("not run" if x is None else f"{f0(x)} msg/s") + note, None if x is None else x >= 200_000))
+    return out
+
+
+def throughput_targets(w):
+    """Issue 13's targets: WAL, TPS and worker delay under pgbench TPC-B-like, apply rates, mixed-type decoding,
+    WebSocket p99 at 5,000 commits/s."""
+    out = []
+    tp = w.get("throughput", {})
+    runs = tp.get("tpcb", {}).get("runs", [])
+    for config, want in (("history", 1.5), ("versions_only", 1.1)):
+        r = find(runs, config=config)
+        x = r and r["wal_ratio"]
+        out.append((f"TPC-B-like WAL per transaction, four tables tracked ({config.replace('_', ' ')}) <= {want}x "
+                    "untracked", "n/a" if x is None else f"{x:.2f}x ({f0(r['wal_per_txn_median'])} bytes)",
+                    None if x is None else x <= want))
+    for config in ("history", "versions_only"):
+        r = find(runs, config=config)
+        x = r and r["tps_ratio"]
+        out.append((f"TPC-B-like TPS at 8 clients ({config.replace('_', ' ')}) >= 0.95x untracked",
+                    "n/a" if x is None else f"{x:.2f}x", None if x is None else x >= 0.95))
+        d = r and r["worker_max_delay_s_all"]
+        out.append((f"TPC-B-like at 8 clients ({config.replace('_', ' ')}): worker never more than 1 s behind",
+                    "n/a" if d is None else f"{d:.2f} s at most", None if d is None else d <= 1.0))
+    for key, what, want in (("apply_large", "inside one large transaction", 300_000),
+                            ("apply_small", "as a stream of small transactions", 100_000)):
+        x = tp.get(key, {}).get("changes_per_s")
+        out.append((f"apply rate {what} >= {want:,} changes/s", "n/a" if x is None else f"{f0(x)} changes/s",
+                    None if x is None else x >= want))
+    mixed = {r["plugin"]: r for r in w.get("decoding", {}).get("mixed", {}).get("results", [])}
+    for plugin, want in (("pg_changerelay binary", 1.0), ("pg_changerelay json", 0.85)):
+        r = mixed.get(plugin)
+        x = r and r["ratio_to_pgoutput"]
+        out.append((f"mixed-type decoding, {plugin.split()[-1]} >= {want}x pgoutput rows/s",
+                    "n/a" if x is None else f"{x:.2f}x", None if x is None else x >= want))
+    ws = find(w.get("latency", {}).get("runs", []), receiver="websocket", target_rate=5000)
+    x = ws and ws["p99_ms"]
+    out.append(("5,000 commits/s, WebSocket p99 < 5 ms", "n/a" if x is None else f"{x:.2f} ms",
+                None if x is None else x < 5))
     return out
 
 
@@ -96,6 +135,30 @@ def markdown(res):
         md.append(table(["plugin", "rows/s", "x wal2json", "bytes", "bytes vs wal2json"],
                         [(r["plugin"], f0(r["rows_per_second"]), f2(r["ratio_rows_per_second"]), f0(r["bytes"]),
                           f2(r["ratio_bytes"])) for r in d["results"]]))
+    if w.get("decoding", {}).get("mixed"):
+        d = w["decoding"]["mixed"]
+        md.append(f"## Decoding a mixed-type table\n\n{d['rows']:,} inserted rows of (int, text, timestamptz, "
+                  f"numeric, jsonb), `pg_logical_slot_peek_*`, best of {d['repeat']}, relay worker paused.\n")
+        md.append(table(["plugin", "rows/s", "x pgoutput", "bytes"],
+                        [(r["plugin"], f0(r["rows_per_second"]), f2(r["ratio_to_pgoutput"]), f0(r["bytes"]))
+                         for r in d["results"]]))
+    if w.get("throughput", {}).get("tpcb"):
+        d = w["throughput"]
+        runs = d["tpcb"]["runs"]
+        md.append(f"## pgbench TPC-B-like, four tables tracked\n\nScale {d['tpcb']['scale']}, 8 clients, "
+                  f"{runs[0]['seconds']} s per run, median of {d['tpcb']['rounds']} interleaved round(s). WAL from "
+                  f"before the run to after the worker caught up and took its next version checkpoint. *Max delay*: "
+                  f"largest (now - commit time of the newest transaction applied) sampled every 100 ms.\n")
+        md.append(table(["configuration", "TPS", "x untracked", "WAL bytes/txn", "x untracked", "worker CPU (cores)",
+                         "max delay s", "catch-up s"],
+                        [(r["config"], f0(r["tps"]), f2(r["tps_ratio"]), f0(r["wal_per_txn_median"]),
+                          f2(r["wal_ratio"]), f2(r["worker_cpu_cores"]), f2(r["worker_max_delay_s_all"]),
+                          f2(r["worker_catch_up_s"])) for r in runs]))
+        a, sm = d.get("apply_large", {}), d.get("apply_small", {})
+        md.append(f"Apply rate: one transaction of {f0(a.get('rows'))} rows visible {f2(a.get('seconds'))} s after "
+                  f"COMMIT = **{f0(a.get('changes_per_s'))} changes/s**; {f0(sm.get('transactions'))} small "
+                  f"transactions ({f0(sm.get('changes'))} changes) written while the worker was paused, applied "
+                  f"{f2(sm.get('seconds'))} s after it resumed = **{f0(sm.get('changes_per_s'))} changes/s**.\n")
     if w.get("latency", {}).get("runs"):
         d = w["latency"]
         md.append(f"## Commit-to-subscriber latency\n\nSingle-row UPDATE per commit at a fixed rate for "

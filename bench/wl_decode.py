@@ -12,4 +12,6 @@ def run(b):
     b.sql("DROP TABLE bench_t")
     b.sql("DROP PUBLICATION bench_pub")
     out["worker_catch_up_s"] = common.wait_worker_idle(b, timeout=600)
+    out["mixed"] = decode_throughput.measure_mixed(b.dsn, 50_000 if b.quick else 200_000, repeat=3, log=sys.stdout)
+    common.wait_worker_idle(b, timeout=600)
     return out

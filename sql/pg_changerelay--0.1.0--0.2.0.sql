@@ -6,11 +6,12 @@
 -- grants are kept.
 \echo Use "ALTER EXTENSION pg_changerelay UPDATE TO '0.2.0'" to load this file. \quit
 
--- History keeps the output plugin's binary frame of each change instead of
--- JSON columns (no value can make the worker's write fail), and a
--- transaction's metadata once.
-CREATE FUNCTION changerelay.frame_from_v1(bigint, int, bigint, bigint, oid, text, text, text, text, text, text, text)
-    RETURNS bytea LANGUAGE c IMMUTABLE AS 'MODULE_PATHNAME', 'frame_from_v1_wrapper';
+-- History keeps the output plugin's binary frames, packed: one row (a chunk)
+-- per table and applied batch (see the table's comment in a fresh install);
+-- each 0.1.0 row becomes a chunk of one change that shows the same JSON under
+-- the same cursor. A transaction's metadata is kept once.
+CREATE FUNCTION changerelay.chunk_from_v1(bigint, int, int, bigint, bigint, oid, text, text, text, text, text, text, text)
+    RETURNS bytea LANGUAGE c IMMUTABLE AS 'MODULE_PATHNAME', 'chunk_from_v1_wrapper';
 
 CREATE TABLE changerelay.history_metadata (
     event_id bigint PRIMARY KEY,
@@ -25,12 +26,23 @@ ALTER TABLE changerelay.history_metadata ENABLE ROW LEVEL SECURITY;
 CREATE POLICY history_metadata_readable ON changerelay.history_metadata FOR SELECT
     USING (EXISTS (SELECT 1 FROM changerelay.history h WHERE h.event_id = history_metadata.event_id));
 
-ALTER TABLE changerelay.history ADD COLUMN change bytea;
+ALTER TABLE changerelay.history
+    ADD COLUMN last_event_id bigint,
+    ADD COLUMN last_pos int,
+    ADD COLUMN batch bigint,
+    ADD COLUMN changes int,
+    ADD COLUMN frames bytea;
 UPDATE changerelay.history
-   SET change = changerelay.frame_from_v1(event_id, seq, ts, xid, relid, label, table_name, op, identifier,
+   SET last_event_id = event_id, last_pos = pos, batch = event_id, changes = 1,
+       frames = changerelay.chunk_from_v1(event_id, pos, seq, ts, xid, relid, label, table_name, op, identifier,
                                           key::text, new::text, old::text);
 ALTER TABLE changerelay.history
-    ALTER COLUMN change SET NOT NULL,
+    ALTER COLUMN last_event_id SET NOT NULL,
+    ALTER COLUMN last_pos SET NOT NULL,
+    ALTER COLUMN batch SET NOT NULL,
+    ALTER COLUMN changes SET NOT NULL,
+    ALTER COLUMN frames SET NOT NULL,
+    ALTER COLUMN frames SET STORAGE EXTERNAL,
     DROP COLUMN seq,
     DROP COLUMN xid,
     DROP COLUMN table_name,
@@ -40,7 +52,31 @@ ALTER TABLE changerelay.history
     DROP COLUMN new,
     DROP COLUMN old,
     DROP COLUMN metadata;
-DROP FUNCTION changerelay.frame_from_v1(bigint, int, bigint, bigint, oid, text, text, text, text, text, text, text);
+DROP FUNCTION changerelay.chunk_from_v1(bigint, int, int, bigint, bigint, oid, text, text, text, text, text, text, text);
+
+-- A label may keep versions only: track(…, history => false). The grants of
+-- the old track() go to the new one.
+ALTER TABLE changerelay.tracked_tables ADD COLUMN history boolean NOT NULL DEFAULT true;
+CREATE FUNCTION changerelay.track(rel regclass, label text DEFAULT NULL, identifier text DEFAULT NULL,
+                                  history boolean DEFAULT true)
+RETURNS void VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'track_wrapper';
+REVOKE EXECUTE ON FUNCTION changerelay.track(regclass, text, text, boolean) FROM PUBLIC;
+DO $$
+DECLARE g record;
+BEGIN
+    FOR g IN SELECT a.grantee::regrole::text AS role, a.is_grantable
+               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+              WHERE p.oid = 'changerelay.track(regclass, text, text)'::regprocedure
+                AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION changerelay.track(regclass, text, text, boolean) TO %s%s',
+                       g.role, CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END $$;
+DROP FUNCTION changerelay.track(regclass, text, text);
+
+-- Versions are written at checkpoints; 0.1.0 wrote them with every batch.
+ALTER TABLE changerelay.history_horizon ADD COLUMN versions_exact bool NOT NULL DEFAULT true;
 
 -- Transactions the relay worker could not apply.
 CREATE TABLE changerelay.dead_letters (

@@ -41,6 +41,10 @@ pub struct VersionUpdates {
     row_limit: usize,
     /// Labels whose rows were folded into their floor in this batch.
     folded: BTreeSet<String>,
+    /// Labels tracked with `history => false`, as of the event being read
+    /// (set by the caller before the batch, followed through the batch's
+    /// changes of the tracking table).
+    pub no_history: BTreeSet<String>,
     /// The last committed transaction of the batch.
     pub last_commit: Option<TxnHeader>,
     pub transactions: u64,
@@ -77,6 +81,7 @@ impl VersionUpdates {
             open: None,
             row_limit,
             folded: BTreeSet::new(),
+            no_history: BTreeSet::new(),
             last_commit: None,
             transactions: 0,
             changes: 0,
@@ -99,9 +104,12 @@ impl VersionUpdates {
                     raise(&mut self.floors, t.label.to_string(), v);
                 }
                 if (c.schema.as_ref(), c.table.as_ref()) == CONFIG_TABLE {
+                    self.note_policy(&t.label, c.new.as_ref());
                     return;
                 }
-                self.queue(&c.txn, t.relid, &t.label, frame);
+                if self.keeps_history(&t.label) {
+                    self.queue(&c.txn, t.relid, &t.label, frame);
+                }
             }
             Event::Truncate(t) => {
                 self.changes += 1;
@@ -111,7 +119,9 @@ impl VersionUpdates {
                     raise(&mut self.floors, label.to_string(), v);
                 }
                 for table in &t.tracked {
-                    self.queue(&t.txn, table.relid, &table.label, frame);
+                    if self.keeps_history(&table.label) {
+                        self.queue(&t.txn, table.relid, &table.label, frame);
+                    }
                 }
             }
             Event::Commit(c) => {
@@ -123,6 +133,26 @@ impl VersionUpdates {
                 }
             }
             Event::Message(_) | Event::Metadata(_) => {}
+        }
+    }
+
+    /// Whether changes of `label` are kept as history (`track(…, history =>
+    /// false)` keeps versions only).
+    pub fn keeps_history(&self, label: &str) -> bool {
+        !self.no_history.contains(label)
+    }
+
+    /// A change of the tracking table: its new row says whether its label
+    /// keeps history (column `history`; absent or not false: it does).
+    fn note_policy(&mut self, label: &str, new: Option<&crate::event::Row<'_>>) {
+        let Some(row) = new else { return };
+        let off = row
+            .iter()
+            .any(|c| c.name == "history" && c.value == crate::event::Value::Scalar(crate::event::Scalar::Bool(false)));
+        if off {
+            self.no_history.insert(label.to_string());
+        } else {
+            self.no_history.remove(label);
         }
     }
 
@@ -196,6 +226,71 @@ impl VersionUpdates {
 
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty() && self.rows.is_empty() && self.floors.is_empty() && self.history.is_empty()
+    }
+}
+
+/// Versions applied to shared memory but not yet written to the version
+/// tables: the relay worker writes them at a version checkpoint instead of
+/// with every batch (a row changed a thousand times between checkpoints is
+/// written once). Until then the tables say they are not exact, and a
+/// restart that finds them so raises every label's floor to the end of WAL:
+/// a spurious increment, never a missed one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unsaved {
+    pub labels: BTreeMap<String, Version>,
+    pub floors: BTreeMap<String, Version>,
+    pub rows: BTreeMap<(String, String), Version>,
+}
+
+impl Unsaved {
+    /// Adds a batch's versions (each key keeps its newest version). Rows
+    /// with identifiers too long to be kept whole in shared memory are not
+    /// kept here: they are returned, to be written at once (readers list
+    /// them by name from the table).
+    pub fn add(&mut self, u: &VersionUpdates) -> Vec<((String, String), Version)> {
+        for (label, v) in &u.labels {
+            raise(&mut self.labels, label.clone(), *v);
+        }
+        for (label, v) in &u.floors {
+            raise(&mut self.floors, label.clone(), *v);
+        }
+        let mut long = Vec::new();
+        for (key, v) in &u.rows {
+            if key.1.len() > crate::versions::IDENT_INLINE {
+                long.push((key.clone(), *v));
+            } else {
+                raise(&mut self.rows, key.clone(), *v);
+            }
+        }
+        long
+    }
+
+    /// Everything a version map holds (rows with identifiers kept whole
+    /// only: the others are in the tables already, see [`Unsaved::add`]).
+    pub fn of_map(m: &crate::versions::VersionMap<'_>) -> Unsaved {
+        let mut out = Unsaved::default();
+        for l in m.labels.iter().filter(|l| l.in_use) {
+            out.labels.insert(l.name().to_string(), l.all);
+            if l.floor.is_set() {
+                out.floors.insert(l.name().to_string(), l.floor);
+            }
+        }
+        for e in m.entries.iter().filter(|e| e.hash != 0 && !e.is_truncated()) {
+            if let Some(l) = m.label(e.label) {
+                let id = String::from_utf8_lossy(e.ident()).into_owned();
+                out.rows.insert((l.name().to_string(), id), e.version);
+            }
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.floors.is_empty() && self.rows.is_empty()
+    }
+
+    /// Entries held (what a checkpoint will write).
+    pub fn len(&self) -> usize {
+        self.labels.len() + self.floors.len() + self.rows.len()
     }
 }
 
@@ -369,6 +464,40 @@ mod tests {
     }
 
     #[test]
+    fn labels_tracked_without_history_keep_versions_only() {
+        let mut u = VersionUpdates::default();
+        u.no_history.insert("v".into());
+        let config = |event_id, label: &str, history: bool| {
+            let mut e = change(event_id, label, None, None, false);
+            if let Event::Change(c) = &mut e {
+                c.schema = "changerelay".into();
+                c.table = "tracked_tables".into();
+                c.new = Some(vec![Column {
+                    name: "history".into(),
+                    value: Value::Scalar(Scalar::Bool(history)),
+                }]);
+            }
+            e
+        };
+        add(&mut u, &Event::Begin(h(1)));
+        add(&mut u, &change(1, "v", Some("a"), None, false));
+        add(&mut u, &change(1, "h", Some("a"), None, false));
+        add(&mut u, &config(1, "v", true));
+        add(&mut u, &config(1, "h", false));
+        add(&mut u, &change(1, "v", Some("b"), None, false));
+        add(&mut u, &change(1, "h", Some("b"), None, false));
+        add(&mut u, &commit(1, None));
+        let kept: Vec<_> = u.history.iter().map(|r| (r.label.as_str(), r.pos)).collect();
+        assert_eq!(
+            kept,
+            vec![("h", 0), ("v", 1)],
+            "each label as its policy stood at the change"
+        );
+        assert_eq!(u.rows.len(), 4, "versions move for every change");
+        assert!(u.keeps_history("v") && !u.keeps_history("h"));
+    }
+
+    #[test]
     fn a_transaction_left_open_at_the_end_of_a_batch_is_reported() {
         let mut u = VersionUpdates::default();
         add(&mut u, &Event::Begin(h(9)));
@@ -393,6 +522,28 @@ mod tests {
         assert_eq!(u.floors["big"].v, 20, "later rows of a folded label raise its floor");
         assert_eq!(u.labels["big"].v, 20);
         assert_eq!(u.history.len(), 5, "history is unaffected");
+    }
+
+    #[test]
+    fn unsaved_versions_keep_the_newest_and_hand_back_long_identifiers() {
+        let mut u = VersionUpdates::default();
+        let v = |v| Version { v, ts: 1 };
+        let long = "x".repeat(crate::versions::IDENT_INLINE + 1);
+        u.labels.insert("a".into(), v(10));
+        u.rows.insert(("a".into(), "k".into()), v(10));
+        u.rows.insert(("a".into(), long.clone()), v(10));
+        let mut s = Unsaved::default();
+        assert_eq!(s.add(&u), vec![(("a".to_string(), long), v(10))]);
+        let mut older = VersionUpdates::default();
+        older.labels.insert("a".into(), v(5));
+        older.rows.insert(("a".into(), "k".into()), v(5));
+        older.floors.insert("b".into(), v(7));
+        assert!(s.add(&older).is_empty());
+        assert_eq!(s.labels["a"], v(10));
+        assert_eq!(s.rows[&("a".into(), "k".into())], v(10));
+        assert_eq!(s.floors["b"], v(7));
+        assert_eq!(s.len(), 3);
+        assert!(!s.is_empty() && Unsaved::default().is_empty());
     }
 
     #[test]

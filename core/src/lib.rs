@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod binary;
+pub mod chunk;
 pub mod cursor;
 pub mod event;
 pub mod filter;

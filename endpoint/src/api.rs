@@ -152,5 +152,7 @@ pub enum ReplyErrorKind {
     /// The history after the cursor was pruned (or the cursor is ahead of the server).
     Expired,
     UnknownLabel,
+    /// A label tracked with `history => false`: it has versions, no changes.
+    NoHistory,
     Internal,
 }

@@ -413,6 +413,7 @@ pub(crate) fn error_code(e: &ReplyError) -> (&'static str, bool) {
         ReplyErrorKind::Foreign => ("cursor_foreign", true),
         ReplyErrorKind::Expired => ("cursor_expired", true),
         ReplyErrorKind::UnknownLabel => ("unknown_label", false),
+        ReplyErrorKind::NoHistory => ("no_history", false),
         ReplyErrorKind::Internal => ("internal", false),
     }
 }

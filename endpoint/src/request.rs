@@ -101,6 +101,7 @@ pub(crate) fn reply_error_response(e: &ReplyError) -> Response {
         ReplyErrorKind::Foreign => Response::json(410, messages::resync("cursor_foreign", &e.message, None)),
         ReplyErrorKind::Expired => Response::json(410, messages::resync("cursor_expired", &e.message, None)),
         ReplyErrorKind::UnknownLabel => Response::error(404, "unknown_label", &e.message),
+        ReplyErrorKind::NoHistory => Response::error(409, "no_history", &e.message),
         ReplyErrorKind::Internal => Response::error(500, "internal", &e.message),
     }
 }

@@ -24,7 +24,7 @@ fn newest_event() -> u64 {
     let applied = shmem::shared()
         .map(|s| s.status.last_event_id.load(Ordering::Acquire))
         .unwrap_or(0);
-    let stored = select_one::<i64>("SELECT max(event_id) FROM changerelay.history", &[])
+    let stored = select_one::<i64>("SELECT applied FROM changerelay.history_horizon", &[])
         .ok()
         .flatten()
         .unwrap_or(0);

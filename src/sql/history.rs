@@ -14,6 +14,7 @@ use crate::sql::access::hide_by_row_security;
 use crate::sql::cursors::{self, check_cursor, cluster, not_expired};
 use crate::sql::jsonb::JsonbText;
 use crate::sql::require_preloaded;
+use changerelay_core::chunk::{self, Merge, Position};
 use changerelay_core::cursor::Cursor;
 use changerelay_core::filter::Filter;
 use changerelay_core::history::{ChangeView, HistoryRow};
@@ -26,18 +27,29 @@ use std::time::{Duration, Instant};
 
 extension_sql!(
     r#"
--- Every change of a tracked table, kept for changerelay.history_retention.
--- (event_id, pos) orders it in commit order and forms cursors. change is the
--- output plugin's binary frame of the change (changerelay.decode() shows it).
+-- Every change of a tracked table, kept for changerelay.history_retention,
+-- packed by the relay worker: one row (a chunk) holds the changes of one
+-- table and label from one applied batch, in commit order, from (event_id,
+-- pos) to (last_event_id, last_pos); batch is the first event id of that
+-- batch. frames is the chunk's packed, lz4-compressed binary frames (one per
+-- change, what changerelay.decode() shows); changes counts them; ts is the
+-- commit time of the last one (pruning goes by it). (event_id, pos) of a
+-- change orders history in commit order and forms cursors.
 CREATE TABLE changerelay.history (
     event_id bigint NOT NULL,
     pos int NOT NULL,
+    last_event_id bigint NOT NULL,
+    last_pos int NOT NULL,
+    batch bigint NOT NULL,
     ts bigint NOT NULL,
     relid oid NOT NULL,
     label text NOT NULL,
-    change bytea NOT NULL,
+    changes int NOT NULL,
+    frames bytea NOT NULL,
     PRIMARY KEY (event_id, pos)
 );
+-- Chunks are compressed already.
+ALTER TABLE changerelay.history ALTER COLUMN frames SET STORAGE EXTERNAL;
 CREATE INDEX history_label ON changerelay.history (label, event_id, pos);
 CREATE INDEX history_ts ON changerelay.history USING brin (ts);
 ALTER TABLE changerelay.history ENABLE ROW LEVEL SECURITY;
@@ -53,15 +65,20 @@ ALTER TABLE changerelay.history_metadata ENABLE ROW LEVEL SECURITY;
 CREATE POLICY history_metadata_readable ON changerelay.history_metadata FOR SELECT
     USING (EXISTS (SELECT 1 FROM changerelay.history h WHERE h.event_id = history_metadata.event_id));
 -- event_id: history at or before (event_id, end of that transaction) has been
--- pruned. applied: the last transaction the relay worker applied; written in
--- the same transaction as its history, so a batch decoded again after a
--- crash is recognised and skipped instead of written twice.
+-- pruned. applied: the last transaction whose history the relay worker wrote;
+-- written in the same transaction as that history, so a batch decoded again
+-- after a crash is recognised and skipped instead of written twice.
+-- versions_exact: label_versions and row_versions hold every version shared
+-- memory shows. The worker writes versions at checkpoints and sets this false
+-- before shared memory shows one the tables do not hold; after a restart that
+-- finds it false, every label's floor is raised to the end of WAL.
 CREATE TABLE changerelay.history_horizon (
     one bool PRIMARY KEY DEFAULT true CHECK (one),
     event_id bigint NOT NULL,
-    applied bigint NOT NULL DEFAULT 0
+    applied bigint NOT NULL DEFAULT 0,
+    versions_exact bool NOT NULL DEFAULT true
 );
-INSERT INTO changerelay.history_horizon VALUES (true, 0, 0);
+INSERT INTO changerelay.history_horizon (one, event_id, applied) VALUES (true, 0, 0);
 -- Transactions the relay worker could not apply, with their frames: the
 -- versions they touched were moved; their history is missing. Superusers
 -- only (the frames hold row data).
@@ -88,7 +105,8 @@ GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.h
     requires = ["tracking_tables"]
 );
 
-/// Checks `labels` exist and that the caller may read every table of each.
+/// Checks `labels` exist, keep history, and that the caller may read every
+/// table of each.
 fn check_labels(labels: &[String]) {
     for label in labels {
         if !crate::sql::label_known(label) {
@@ -96,6 +114,30 @@ fn check_labels(labels: &[String]) {
         }
         crate::sql::check_label_access(label);
     }
+    if let Some(label) = without_history(labels).first() {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            no_history_message(label),
+            Some("It is tracked with history => false: only its versions are kept.".into()),
+            format!(
+                "Read its versions with changerelay.version_map('{label}'), or track its tables with history => true."
+            ),
+        );
+    }
+}
+
+/// Those of `labels` tracked with `history => false`.
+pub fn without_history(labels: &[String]) -> Vec<String> {
+    crate::sql::select_all(
+        "SELECT DISTINCT label FROM changerelay.tracked_tables WHERE label = ANY ($1) AND NOT history ORDER BY 1",
+        &[labels.to_vec().into()],
+        |r| r.get::<String>(1).map(Option::unwrap_or_default),
+    )
+    .unwrap_or_default()
+}
+
+pub fn no_history_message(label: &str) -> String {
+    format!("label \"{label}\" keeps no history")
 }
 
 fn parse_filter(filter: Option<&JsonB>) -> Option<Filter> {
@@ -186,67 +228,136 @@ pub fn text_bytes(v: &ChangeView) -> usize {
         .sum()
 }
 
-/// Rows read per query while a filter drops some of them.
-const FILTERED_PAGE: i64 = 1000;
+/// Chunks read per query.
+const CHUNK_PAGE: i64 = 16;
 
-/// Reads the history rows after the request's cursor in commit order, with
-/// a fresh snapshot (so a waiting `watch()` sees what the worker committed
-/// since). Filters are applied to the decoded rows, page by page.
+/// Where reading chunks after `after` starts: the `batch` of the chunk that
+/// begins last at or before it (chunks that hold changes on both sides of
+/// the cursor all belong to that batch, see `changerelay_core::chunk`), or
+/// nothing before the cursor.
+const SEEK: &str = "SELECT h.batch FROM changerelay.history h
+     WHERE (h.event_id, h.pos) <= ($1, $2) AND ($3::pg_catalog.text[] IS NULL OR h.label = ANY ($3))
+     ORDER BY h.event_id DESC, h.pos DESC LIMIT 1";
+/// Chunks in order of their first change that hold changes after the
+/// cursor ($5, $6), from a start ($1, $2).
+const CHUNKS: &str = "SELECT h.event_id, h.pos, h.relid, h.label, h.frames
+      FROM changerelay.history h
+     WHERE (h.event_id, h.pos) > ($1, $2) AND (h.last_event_id, h.last_pos) > ($5, $6)
+       AND ($3::pg_catalog.text[] IS NULL OR h.label = ANY ($3))
+     ORDER BY h.event_id, h.pos LIMIT $4";
+const METADATA: &str = "SELECT m.event_id, m.metadata::pg_catalog.text FROM changerelay.history_metadata m
+     WHERE m.event_id = ANY ($1)";
+
+/// One stored chunk, as read.
+struct StoredChunk {
+    first: Position,
+    relid: u32,
+    label: String,
+    frames: Vec<u8>,
+}
+
+fn read_chunks(from: Position, req: &Request) -> Result<Vec<StoredChunk>, String> {
+    let after = req.after.position();
+    let args: Vec<DatumWithOid<'_>> = vec![
+        (from.0.min(i64::MAX as u64) as i64).into(),
+        i64::from(from.1).into(),
+        req.labels.clone().into(),
+        CHUNK_PAGE.into(),
+        (after.0.min(i64::MAX as u64) as i64).into(),
+        i64::from(after.1).into(),
+    ];
+    crate::sql::select_all(CHUNKS, &args, |r| {
+        Ok(StoredChunk {
+            first: (
+                r.get::<i64>(1)?.unwrap_or(0) as u64,
+                r.get::<i32>(2)?.unwrap_or(0) as u32,
+            ),
+            relid: r.get::<pg_sys::Oid>(3)?.map_or(0, |o| o.to_u32()),
+            label: r.get::<String>(4)?.unwrap_or_default(),
+            frames: r.get::<Vec<u8>>(5)?.unwrap_or_default(),
+        })
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Where reading starts for the request: just before the first chunk that
+/// may hold changes after its cursor.
+fn seek(req: &Request) -> Result<Position, String> {
+    let (event_id, pos) = req.after.position();
+    let args: Vec<DatumWithOid<'_>> = vec![
+        (event_id.min(i64::MAX as u64) as i64).into(),
+        i64::from(pos).into(),
+        req.labels.clone().into(),
+    ];
+    let batch = crate::sql::select_one::<i64>(SEEK, &args).map_err(|e| e.to_string())?;
+    // Chunks strictly after (batch - 1, END): every chunk of that batch.
+    Ok(match batch {
+        Some(b) if b > 0 => (b as u64 - 1, u32::MAX),
+        _ => (0, 0),
+    })
+}
+
+/// Adds each row's transaction metadata.
+fn add_metadata(views: &mut [ChangeView]) -> Result<(), String> {
+    let mut ids: Vec<i64> = views.iter().map(|v| v.event_id as i64).collect();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let found = crate::sql::select_all(METADATA, &[ids.into()], |r| {
+        Ok((r.get::<i64>(1)?.unwrap_or(0) as u64, r.get::<String>(2)?))
+    })
+    .map_err(|e| e.to_string())?;
+    if found.is_empty() {
+        return Ok(());
+    }
+    let found: std::collections::HashMap<u64, Option<String>> = found.into_iter().collect();
+    for v in views {
+        if let Some(m) = found.get(&v.event_id) {
+            v.metadata.clone_from(m);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the history after the request's cursor in commit order, with a
+/// fresh snapshot (so a waiting `watch()` sees what the worker committed
+/// since): chunks in order of their first change, merged back into commit
+/// order ([`Merge`]); filters and row-level security apply to the decoded
+/// rows, a page at a time.
 pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
-    const SQL: &str = "SELECT h.event_id, h.pos, h.ts, h.relid, h.label, h.change, m.metadata::pg_catalog.text
-           FROM changerelay.history h
-           LEFT JOIN changerelay.history_metadata m ON m.event_id = h.event_id
-          WHERE (h.event_id, h.pos) > ($1, $2) AND ($3::pg_catalog.text[] IS NULL OR h.label = ANY ($3))
-          ORDER BY h.event_id, h.pos LIMIT $4";
     let want = req.max_events.max(1) as usize;
-    let page = if req.filter.is_some() {
-        FILTERED_PAGE.max(want as i64)
-    } else {
-        want as i64
-    };
     let mut out = Vec::new();
     let mut bytes = 0usize;
-    let mut at = req.after.position();
     // SAFETY: a fresh snapshot for this read only, popped right after.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     let read = (|| -> Result<(), String> {
+        let mut from = seek(req)?;
+        let mut merge = Merge::after(req.after.position());
         loop {
-            let args: Vec<DatumWithOid<'_>> = vec![
-                (at.0.min(i64::MAX as u64) as i64).into(),
-                (at.1 as i64).into(),
-                req.labels.clone().into(),
-                page.into(),
-            ];
-            let mut views = crate::sql::select_all(SQL, &args, |r| {
-                let row = HistoryRow {
-                    event_id: r.get::<i64>(1)?.unwrap_or(0) as u64,
-                    pos: r.get::<i32>(2)?.unwrap_or(0) as u32,
-                    ts: r.get::<i64>(3)?.unwrap_or(0),
-                    relid: r.get::<pg_sys::Oid>(4)?.map_or(0, |o| o.to_u32()),
-                    label: r.get::<String>(5)?.unwrap_or_default(),
-                    frame: r.get::<Vec<u8>>(6)?.unwrap_or_default(),
+            let chunks = read_chunks(from, req)?;
+            let last_page = (chunks.len() as i64) < CHUNK_PAGE;
+            let mut chunks = chunks.into_iter().peekable();
+            while let Some(c) = chunks.next() {
+                from = c.first;
+                merge.add(chunk::unpack(&c.frames, c.relid, &c.label).unwrap_or_else(|e| vec![damaged(&c, &e)]));
+                // Every change before the next chunk's first is ready; after
+                // the last chunk of a page, the next page tells.
+                let bound = match chunks.peek() {
+                    Some(next) => Some(next.first),
+                    None if last_page => None,
+                    None => continue,
                 };
-                let mut view = view_or_marker(&row);
-                view.metadata = r.get::<String>(7)?;
-                Ok(view)
-            })
-            .map_err(|e| e.to_string())?;
-            let got = views.len();
-            if let Some(last) = views.last() {
-                at = (last.event_id, last.pos);
-            }
-            hide_by_row_security(&mut views)?;
-            for view in views {
-                if req.filter.as_ref().is_some_and(|f| !view.matches(f)) {
-                    continue;
+                let mut views = Vec::new();
+                while views.len() + out.len() < want {
+                    let Some(row) = merge.pop_before(bound) else { break };
+                    views.push(view_or_marker(&row));
                 }
-                bytes += text_bytes(&view);
-                out.push(view);
-                if out.len() >= want || bytes >= req.max_bytes {
+                if emit(req, views, &mut out, &mut bytes, want)? {
                     return Ok(());
                 }
             }
-            if (got as i64) < page {
+            if last_page {
                 return Ok(());
             }
         }
@@ -260,6 +371,49 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
     not_expired(&req.after).map_err(|p| p.message())?;
     read.map_err(|e| format!("could not read history: {e}"))?;
     Ok(out)
+}
+
+/// Filters and checks rows ready in commit order and adds them to `out`;
+/// true when `out` is full (in rows or bytes).
+fn emit(
+    req: &Request,
+    mut views: Vec<ChangeView>,
+    out: &mut Vec<ChangeView>,
+    bytes: &mut usize,
+    want: usize,
+) -> Result<bool, String> {
+    if views.is_empty() {
+        return Ok(out.len() >= want);
+    }
+    hide_by_row_security(&mut views)?;
+    views.retain(|v| req.filter.as_ref().is_none_or(|f| v.matches(f)));
+    add_metadata(&mut views)?;
+    for view in views {
+        *bytes += text_bytes(&view);
+        out.push(view);
+        if out.len() >= want || *bytes >= req.max_bytes {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// A chunk that can not be unpacked (damaged storage) shows as one marker
+/// at its first position instead of hiding every change after it.
+fn damaged(c: &StoredChunk, error: &str) -> HistoryRow {
+    pgrx::warning!(
+        "pg_changerelay: the history chunk at {}/{} can not be read: {error}",
+        c.first.0,
+        c.first.1
+    );
+    HistoryRow {
+        event_id: c.first.0,
+        pos: c.first.1,
+        ts: 0,
+        relid: c.relid,
+        label: c.label.clone(),
+        frame: Vec::new(),
+    }
 }
 
 /// The row as readers see it; a frame that can not be decoded (damaged

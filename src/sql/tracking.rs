@@ -11,17 +11,20 @@ extension_sql!(
 -- Which tables the relay worker follows. A user_catalog_table, so the output
 -- plugin reads it under the decoding snapshot: tracking changes take effect
 -- exactly at their place in the commit order. pg_dump keeps its rows.
+-- history: whether the label's changes are kept in changerelay.history (false:
+-- versions only); the same for every table of a label.
 CREATE TABLE changerelay.tracked_tables (
     rel regclass PRIMARY KEY,
     label text NOT NULL CHECK (label ~ '^[A-Za-z0-9_.:-]{1,64}$'),
-    identifier text
+    identifier text,
+    history boolean NOT NULL DEFAULT true
 ) WITH (user_catalog_table = true);
 ALTER TABLE changerelay.tracked_tables REPLICA IDENTITY FULL;
 SELECT pg_catalog.pg_extension_config_dump('changerelay.tracked_tables', '');
 COMMENT ON TABLE changerelay.tracked_tables IS 'Tables followed by the pg_changerelay relay worker; change with changerelay.track()/untrack().';
 
--- Versions as last applied by the relay worker, written in the same
--- transaction that records its progress; loaded into shared memory at start.
+-- Versions as of the relay worker's last version checkpoint (see
+-- history_horizon.versions_exact); loaded into shared memory at start.
 CREATE TABLE changerelay.label_versions (
     label text PRIMARY KEY,
     v bigint NOT NULL,
@@ -46,7 +49,7 @@ GRANT SELECT ON changerelay.tracked_tables, changerelay.label_versions TO PUBLIC
 
 extension_sql!(
     r#"
-REVOKE EXECUTE ON FUNCTION changerelay.track(regclass, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION changerelay.track(regclass, text, text, boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION changerelay.untrack(regclass) FROM PUBLIC;
 "#,
     name = "tracking_grants",
@@ -139,11 +142,14 @@ fn column_exists(rel: pg_sys::Oid, column: &str) -> bool {
 /// Starts tracking a table under a label (default: the table's name).
 /// `identifier` names the column whose value identifies a row in the version
 /// map (default: the single-column primary key; none: only `all` is kept).
+/// `history` false keeps the label's versions only, no change history.
 #[pg_extern(sql = r#"
-CREATE FUNCTION changerelay.track(rel regclass, label text DEFAULT NULL, identifier text DEFAULT NULL)
+CREATE FUNCTION changerelay.track(rel regclass, label text DEFAULT NULL, identifier text DEFAULT NULL,
+                                  history boolean DEFAULT true)
 RETURNS void VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#)]
-fn track(rel: Option<pg_sys::Oid>, label: Option<&str>, identifier: Option<&str>) {
+fn track(rel: Option<pg_sys::Oid>, label: Option<&str>, identifier: Option<&str>, history: Option<bool>) {
+    let history = history.unwrap_or(true);
     require_preloaded();
     let Some(rel) = rel else {
         raise(
@@ -240,9 +246,28 @@ fn track(rel: Option<pg_sys::Oid>, label: Option<&str>, identifier: Option<&str>
             ),
         );
     }
+    let policy = crate::sql::select_one::<bool>(
+        "SELECT bool_and(history) FROM changerelay.tracked_tables WHERE label = $1",
+        &[label.into()],
+    )
+    .ok()
+    .flatten();
+    if let Some(keeps) = policy.filter(|keeps| *keeps != history) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            if keeps {
+                format!("label \"{label}\" keeps history")
+            } else {
+                format!("label \"{label}\" keeps versions only (no history)")
+            },
+            Some("Every table of a label has the same history setting.".into()),
+            format!("Pass history => {keeps}, or track the table under another label."),
+        );
+    }
     if let Err(e) = Spi::run_with_args(
-        "INSERT INTO changerelay.tracked_tables (rel, label, identifier) VALUES ($1::oid::regclass, $2, $3)",
-        &[rel.into(), label.into(), identifier.into()],
+        "INSERT INTO changerelay.tracked_tables (rel, label, identifier, history)
+         VALUES ($1::oid::regclass, $2, $3, $4)",
+        &[rel.into(), label.into(), identifier.into(), history.into()],
     ) {
         raise(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,

@@ -16,8 +16,44 @@ fn loaded() -> bool {
     shmem::shared().is_some_and(|s| s.status.loaded.load(Ordering::Acquire))
 }
 
-/// Versions of a label read from the persisted tables: (all, floor, rows).
+/// When the version tables are not exact (the relay worker writes versions
+/// at checkpoints, and the server stopped after versions moved since the
+/// last one): the floor every label is raised to, the end of WAL now. No
+/// commit before the restart is newer, so a reader sees a spurious
+/// increment, never a version going back. `None` when the tables are exact.
+pub fn floor_if_inexact() -> Result<Option<Version>, pgrx::spi::Error> {
+    Spi::connect(|c| {
+        let t = c.select(
+            "SELECT ((CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()
+                          ELSE pg_catalog.pg_current_wal_insert_lsn() END) - '0/0'::pg_catalog.pg_lsn)::int8,
+                    (extract(epoch FROM pg_catalog.clock_timestamp()) * 1000)::int8
+               FROM changerelay.history_horizon WHERE NOT versions_exact",
+            Some(1),
+            &[],
+        )?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let r = t.first();
+        let v = r.get::<i64>(1)?.unwrap_or(0).max(0);
+        let ts = r.get::<i64>(2)?.unwrap_or(0);
+        Ok(Some(Version { v: v as u64, ts }))
+    })
+}
+
+/// Versions of a label read from the persisted tables: (all, floor, rows),
+/// floored when the tables are not exact ([`floor_if_inexact`]).
 fn persisted(label: &str, ident: Option<&str>) -> (Option<Version>, Version, Vec<(String, Version)>) {
+    let (all, floor, rows) = persisted_as_written(label, ident);
+    match floor_if_inexact() {
+        Ok(Some(f)) if all.is_some() || label_known(label) => {
+            (Some(all.unwrap_or_default().max(f)), floor.max(f), rows)
+        }
+        _ => (all, floor, rows),
+    }
+}
+
+fn persisted_as_written(label: &str, ident: Option<&str>) -> (Option<Version>, Version, Vec<(String, Version)>) {
     let head = Spi::connect(|c| {
         let t = c.select(
             "SELECT v, ts, floor_v, floor_ts FROM changerelay.label_versions WHERE label = $1",

@@ -455,6 +455,15 @@ fn read_history(
                 })?,
         ),
     };
+    if let Some(label) = history::without_history(labels).first() {
+        return Err(ep::ReplyError {
+            kind: ep::ReplyErrorKind::NoHistory,
+            message: format!(
+                "{}: it is tracked with history => false (versions only)",
+                history::no_history_message(label)
+            ),
+        });
+    }
     let max = max.clamp(1, ep::MAX_HISTORY_ROWS);
     let req = history::Request {
         after,

@@ -102,6 +102,7 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         last_prune: None,
         link: endpoint::start(),
         persister: persist::Persister::default(),
+        versions_saved: false,
         waiting_for_update: None,
         endpoint_retry: None,
     };
@@ -114,6 +115,12 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
     log!("pg_changerelay relay stopping");
     if let Some(link) = relay.link.take() {
         link.shutdown();
+    }
+    // The versions held go to the tables, so the next start finds them exact.
+    if relay.versions_saved {
+        if let Err(e) = relay.persister.checkpoint() {
+            warning!("pg_changerelay relay: could not write its versions before stopping: {e}");
+        }
     }
     // Exit code 1: the postmaster restarts the worker after RESTART_DELAY,
     // so pg_terminate_backend() restarts it rather than removing it for
@@ -153,6 +160,9 @@ struct Relay {
     last_prune: Option<std::time::Instant>,
     link: Option<endpoint::Link>,
     persister: persist::Persister,
+    /// Whether this process made the version tables exact after start
+    /// ([`persist::Persister::save_shared_memory_if_inexact`]).
+    versions_saved: bool,
     /// The older extension version found installed, once warned about.
     waiting_for_update: Option<String>,
     /// When to start the endpoint again after its thread ended, and the wait
@@ -204,6 +214,12 @@ impl Relay {
         if self.installed && !shmem::shared().is_some_and(|s| s.status.loaded.load(Ordering::Acquire)) {
             set_state(WorkerState::Loading);
             load_versions();
+        }
+        if self.installed && !self.versions_saved {
+            if let Err(e) = self.persister.save_shared_memory_if_inexact() {
+                error!("pg_changerelay relay: could not write the versions of shared memory: {e}");
+            }
+            self.versions_saved = true;
         }
         set_state(if self.installed {
             WorkerState::Streaming
@@ -437,15 +453,17 @@ impl Relay {
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         let cutoff = now_ms - retention.as_millis() as i64;
+        // A chunk goes when its last change is older than the retention;
+        // the horizon moves past the newest change pruned.
         let cut = BackgroundWorker::transaction(move || {
             select_one::<i64>(
-                "SELECT max(event_id) FROM changerelay.history WHERE ts < $1",
+                "SELECT max(last_event_id) FROM changerelay.history WHERE ts < $1",
                 &[cutoff.into()],
             )
         });
         let Ok(Some(cut)) = cut else { return };
         let done = BackgroundWorker::transaction(move || {
-            Spi::run_with_args("DELETE FROM changerelay.history WHERE event_id <= $1", &[cut.into()])?;
+            Spi::run_with_args("DELETE FROM changerelay.history WHERE ts < $1", &[cutoff.into()])?;
             Spi::run_with_args(
                 "DELETE FROM changerelay.history_metadata WHERE event_id <= $1",
                 &[cut.into()],
@@ -517,8 +535,15 @@ fn apply_to_shared_memory(u: &VersionUpdates) {
 }
 
 /// Loads the persisted versions into shared memory (after a server restart).
+/// When the tables are not exact (the server stopped before the worker's
+/// last version checkpoint), every label's `all` and floor are raised to the
+/// end of WAL (what `sql::versions` readers see meanwhile too): versions
+/// moved since the checkpoint are not known, and no commit before the
+/// restart can be newer. A spurious increment for every row, never a missed
+/// one; `Persister::save_shared_memory_if_inexact` then writes the map.
 fn load_versions() {
-    let (labels, rows) = BackgroundWorker::transaction(|| {
+    let (labels, rows, floor) = BackgroundWorker::transaction(|| {
+        let floor = crate::sql::versions::floor_if_inexact();
         let labels = select_all(
             "SELECT label, v, ts, floor_v, floor_ts FROM changerelay.label_versions
              UNION ALL
@@ -541,9 +566,11 @@ fn load_versions() {
                 Ok((text(1)?, text(2)?, n(3)?, n(4)?))
             },
         );
-        match (labels, rows) {
-            (Ok(l), Ok(r)) => (l, r),
-            (Err(e), _) | (_, Err(e)) => error!("pg_changerelay relay: could not load versions: {e}"),
+        match (labels, rows, floor) {
+            (Ok(l), Ok(r), Ok(f)) => (l, r, f),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                error!("pg_changerelay relay: could not load versions: {e}")
+            }
         }
     });
     use changerelay_core::versions::Version;
@@ -559,6 +586,10 @@ fn load_versions() {
                         ts: *fts,
                     },
                 );
+                if let Some(f) = floor {
+                    m.bump_all(i, f);
+                    m.raise_floor(i, f);
+                }
             }
         }
         for (label, id, v, ts) in &rows {
@@ -570,8 +601,16 @@ fn load_versions() {
     if let Some(s) = shmem::shared() {
         s.status.loaded.store(true, Ordering::Release);
     }
-    log!(
-        "pg_changerelay relay: loaded {} label(s) and {n} row version(s)",
-        labels.len()
-    );
+    match floor {
+        Some(f) => log!(
+            "pg_changerelay relay: loaded {} label(s) and {n} row version(s); the server stopped before the last \
+             version checkpoint, so every label's floor was raised to {} (caches reload once)",
+            labels.len(),
+            lsn_to_string(f.v)
+        ),
+        None => log!(
+            "pg_changerelay relay: loaded {} label(s) and {n} row version(s)",
+            labels.len()
+        ),
+    }
 }

@@ -1,10 +1,12 @@
 //! Writing a batch: history, metadata, versions and the applied mark in one
 //! transaction, streamed in chunks so no batch is ever held whole.
 //!
-//! History rows hold the plugin's binary frames (bytea): nothing is parsed
-//! or cast on the way in, so no value a table can hold makes the write fail.
-//! Chunks are bounded in rows and bytes, and each chunk's SPI memory is
-//! released after it is written. Transactions at or below the applied mark
+//! History holds the plugin's binary frames: nothing is parsed or cast on
+//! the way in, so no value a table can hold makes the write fail. A batch's
+//! changes of one table are packed into one history row, a chunk
+//! (`changerelay_core::chunk`), or several when there are many; chunks are
+//! written together in one statement, bounded in bytes, and each write's SPI
+//! memory is released after it. Transactions at or below the applied mark
 //! were applied before (the batch is decoded again after a crash): their
 //! history is skipped and their versions applied again (harmless: versions
 //! only move forward).
@@ -18,19 +20,25 @@
 
 use super::frames::{FrameBuffer, Span};
 use crate::txn::try_transaction;
-use changerelay_core::apply::VersionUpdates;
+use changerelay_core::apply::{Unsaved, VersionUpdates};
 use changerelay_core::binary;
+use changerelay_core::chunk::{ChunkBuilder, Packed};
 use changerelay_core::event::Event;
 use changerelay_core::history::HistoryRow;
 use changerelay_core::lsn::lsn_to_string;
 use pgrx::pg_sys::{self, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
-/// History rows written per statement...
-const CHUNK_ROWS: usize = 10_000;
-/// ...and bytes of frames (well below the 1 GB limit of an array).
-const CHUNK_BYTES: usize = 8 << 20;
+/// Changes taken from the decoded batch at a time...
+const TAKE_ROWS: usize = 10_000;
+/// ...and bytes of their frames.
+const TAKE_BYTES: usize = 8 << 20;
+/// Packed chunks held before they are written (well below the 1 GB limit
+/// of an array).
+const WRITE_BYTES: usize = 8 << 20;
 /// Per-row versions kept for one batch; beyond, a label's rows fold into
 /// its floor (see `VersionUpdates`).
 const ROW_LIMIT: usize = 50_000;
@@ -40,7 +48,7 @@ pub const PUBLISH_ROWS: usize = 10_000;
 /// ...and bytes of their frames.
 pub const PUBLISH_BYTES: usize = 16 << 20;
 
-const APPLIED: &str = "SELECT applied FROM changerelay.history_horizon";
+const APPLIED: &str = "SELECT applied, versions_exact FROM changerelay.history_horizon";
 const LABELS: &str = "INSERT INTO changerelay.label_versions AS t (label, v, ts, floor_v, floor_ts)
      SELECT * FROM unnest($1::pg_catalog.text[], $2::pg_catalog.int8[], $3::pg_catalog.int8[],
                                      $4::pg_catalog.int8[], $5::pg_catalog.int8[])
@@ -55,13 +63,17 @@ const ROWS: &str = "INSERT INTO changerelay.row_versions AS t (label, identifier
      ON CONFLICT (label, identifier) DO UPDATE SET
         v = greatest(t.v, excluded.v),
         ts = CASE WHEN excluded.v > t.v THEN excluded.ts ELSE t.ts END";
-const HISTORY: &str = "INSERT INTO changerelay.history (event_id, pos, ts, relid, label, change)
+const HISTORY: &str = "INSERT INTO changerelay.history
+            (event_id, pos, last_event_id, last_pos, batch, ts, relid, label, changes, frames)
      SELECT * FROM unnest($1::pg_catalog.int8[], $2::pg_catalog.int4[], $3::pg_catalog.int8[],
-                                     $4::pg_catalog.oid[], $5::pg_catalog.text[], $6::pg_catalog.bytea[])";
+                          $4::pg_catalog.int4[], $5::pg_catalog.int8[], $6::pg_catalog.int8[],
+                          $7::pg_catalog.oid[], $8::pg_catalog.text[], $9::pg_catalog.int4[],
+                          $10::pg_catalog.bytea[])";
 const METADATA: &str = "INSERT INTO changerelay.history_metadata (event_id, metadata)
      SELECT e, m::pg_catalog.json
        FROM unnest($1::pg_catalog.int8[], $2::pg_catalog.text[]) AS u(e, m)";
-const HORIZON: &str = "UPDATE changerelay.history_horizon SET applied = $1";
+const HORIZON: &str = "UPDATE changerelay.history_horizon SET applied = greatest(applied, $1)";
+const EXACT: &str = "UPDATE changerelay.history_horizon SET versions_exact = $1";
 const DEAD_LETTER: &str = "INSERT INTO changerelay.dead_letters (event_id, xid, labels, error, frames, bytes)
      VALUES ($1, $2, $3, $4, $5, $6)";
 const DEAD_LETTER_FRAMES: &str = "INSERT INTO changerelay.dead_letter_frames (event_id, n, frame)
@@ -74,6 +86,7 @@ struct Statements {
     history: OwnedPreparedStatement,
     metadata: OwnedPreparedStatement,
     horizon: OwnedPreparedStatement,
+    exact: OwnedPreparedStatement,
 }
 
 fn oids(types: &[pg_sys::Oid]) -> Vec<PgOid> {
@@ -90,9 +103,12 @@ impl Statements {
             applied: c.prepare(APPLIED, &[])?.keep(),
             labels: c.prepare_mut(LABELS, &oids(&[TS, I8S, I8S, I8S, I8S]))?.keep(),
             rows: c.prepare_mut(ROWS, &oids(&[TS, TS, I8S, I8S]))?.keep(),
-            history: c.prepare_mut(HISTORY, &oids(&[I8S, I4S, I8S, OS, TS, BS]))?.keep(),
+            history: c
+                .prepare_mut(HISTORY, &oids(&[I8S, I4S, I8S, I4S, I8S, I8S, OS, TS, I4S, BS]))?
+                .keep(),
             metadata: c.prepare_mut(METADATA, &oids(&[I8S, TS]))?.keep(),
             horizon: c.prepare_mut(HORIZON, &oids(&[I8]))?.keep(),
+            exact: c.prepare_mut(EXACT, &oids(&[pg_sys::BOOLOID]))?.keep(),
         })
     }
 }
@@ -115,25 +131,128 @@ pub struct Fresh {
     pub metadata: Vec<(u64, String)>,
 }
 
-#[derive(Default)]
+/// Longest time between version checkpoints...
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+/// ...and most versions held unsaved before one.
+const CHECKPOINT_ENTRIES: usize = 100_000;
+
+/// Writes batches. History goes out with every batch; versions are held
+/// ([`Unsaved`]) and written at version checkpoints: every
+/// [`CHECKPOINT_EVERY`], past [`CHECKPOINT_ENTRIES`], and when the worker
+/// stops. Before shared memory shows a version the tables do not hold, the
+/// tables are marked inexact (`history_horizon.versions_exact`), in the same
+/// transaction; a restart that finds them so floors every label (see
+/// `load_versions`).
 pub struct Persister {
     statements: Option<Statements>,
+    /// Labels tracked with `history => false` as of the last applied batch
+    /// (read from `tracked_tables` at first, then followed through the
+    /// decoded changes of that table, in commit order).
+    no_history: Option<BTreeSet<String>>,
+    unsaved: Unsaved,
+    /// What `history_horizon.versions_exact` says, once read.
+    exact: Option<bool>,
+    last_checkpoint: Instant,
+}
+
+impl Default for Persister {
+    fn default() -> Self {
+        Persister {
+            statements: None,
+            no_history: None,
+            unsaved: Unsaved::default(),
+            exact: None,
+            last_checkpoint: Instant::now(),
+        }
+    }
+}
+
+/// How a committed batch left the version tables.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Saved {
+    /// Unchanged.
+    Same,
+    /// Marked inexact.
+    Inexact,
+    /// A checkpoint: everything held was written.
+    Checkpoint,
+}
+
+fn prepared<'a>(statements: &'a mut Option<Statements>) -> Result<&'a Statements, String> {
+    if statements.is_none() {
+        *statements = Some(Spi::connect(Statements::prepare).map_err(|e| e.to_string())?);
+    }
+    statements.as_ref().ok_or_else(|| "statements not prepared".to_string())
 }
 
 impl Persister {
     /// Applies the frames of `spans` in one transaction and commits it.
     /// A Postgres error rolls everything back and is returned as text.
     pub fn apply(&mut self, frames: &mut FrameBuffer, spans: &[Span]) -> Result<Applied, String> {
-        let statements = &mut self.statements;
-        try_transaction(|| {
-            if statements.is_none() {
-                *statements = Some(Spi::connect(Statements::prepare).map_err(|e| e.to_string())?);
+        let (statements, unsaved, policy) = (&mut self.statements, &mut self.unsaved, &mut self.no_history);
+        let due = self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+        let (applied, saved) = try_transaction(|| {
+            let st = prepared(statements)?;
+            if policy.is_none() {
+                *policy = Some(labels_without_history()?);
             }
-            let Some(st) = statements.as_ref() else {
-                return Err("statements not prepared".to_string());
-            };
-            write_batch(st, frames, spans)
-        })
+            let no_history = policy.clone().unwrap_or_default();
+            write_batch(st, frames, spans, unsaved, no_history, due)
+        })?;
+        self.no_history = Some(applied.updates.no_history.clone());
+        self.saved(saved);
+        Ok(applied)
+    }
+
+    fn saved(&mut self, saved: Saved) {
+        match saved {
+            Saved::Same => {}
+            Saved::Inexact => self.exact = Some(false),
+            Saved::Checkpoint => {
+                self.unsaved = Unsaved::default();
+                self.exact = Some(true);
+                self.last_checkpoint = Instant::now();
+            }
+        }
+    }
+
+    /// Writes every version held (when the worker stops).
+    pub fn checkpoint(&mut self) -> Result<(), String> {
+        if self.unsaved.is_empty() && self.exact == Some(true) {
+            return Ok(());
+        }
+        let (statements, unsaved) = (&mut self.statements, &self.unsaved);
+        try_transaction(|| {
+            let st = prepared(statements)?;
+            write_versions(st, unsaved)?;
+            Spi::connect_mut(|c| c.update(&st.exact, None, &[true.into()]).map(|_| ())).map_err(|e| e.to_string())
+        })?;
+        self.saved(Saved::Checkpoint);
+        Ok(())
+    }
+
+    /// Once per worker process, after shared memory holds the versions:
+    /// when the tables are inexact (the process before ended without its
+    /// checkpoint, or the server restarted and the floors were raised), the
+    /// whole shared map is written, and the tables are exact again.
+    pub fn save_shared_memory_if_inexact(&mut self) -> Result<(), String> {
+        let statements = &mut self.statements;
+        let exact = try_transaction(|| {
+            prepared(statements)?;
+            crate::sql::select_one::<bool>("SELECT versions_exact FROM changerelay.history_horizon", &[])
+                .map_err(|e| e.to_string())
+        })?;
+        if exact != Some(false) {
+            self.exact = exact;
+            return Ok(());
+        }
+        let all = crate::shmem::with_map(|m| Unsaved::of_map(&m)).unwrap_or_default();
+        let (rows, labels) = (all.rows.len(), all.labels.len());
+        self.unsaved = all;
+        self.exact = Some(false);
+        self.checkpoint()?;
+        log!("pg_changerelay relay: wrote {labels} label(s) and {rows} row version(s) of shared memory");
+        Ok(())
     }
 
     /// Records the transaction in `span`, which could not be applied, as a
@@ -169,7 +288,7 @@ impl Persister {
                 bytes += frame.len() as i64;
                 chunk.push(frame.to_vec());
                 n += 1;
-                if chunk.len() >= 1000 || chunk.iter().map(Vec::len).sum::<usize>() >= CHUNK_BYTES {
+                if chunk.len() >= 1000 || chunk.iter().map(Vec::len).sum::<usize>() >= TAKE_BYTES {
                     insert_dead_frames(id, n, &mut chunk)?;
                 }
                 Ok(())
@@ -204,13 +323,15 @@ impl Persister {
                 .map(|_| ())
             })
             .map_err(|e| e.to_string())?;
-            if statements.is_none() {
-                *statements = Some(Spi::connect(Statements::prepare).map_err(|e| e.to_string())?);
-            }
-            let Some(st) = statements.as_ref() else {
-                return Err("statements not prepared".to_string());
+            let st = prepared(statements)?;
+            // Written at once, not held: dead letters are rare.
+            let moved = Unsaved {
+                labels: updates.labels.clone(),
+                floors: updates.floors.clone(),
+                rows: BTreeMap::new(),
             };
-            write_versions(st, &updates, event_id)?;
+            write_versions(st, &moved)?;
+            move_applied_mark(st, event_id)?;
             Ok(Applied {
                 updates,
                 fresh: Some(Fresh::default()),
@@ -239,105 +360,224 @@ fn insert_dead_frames(event_id: i64, n: i32, chunk: &mut Vec<Vec<u8>>) -> Result
     Ok(())
 }
 
-/// The body of [`Persister::apply`], inside its transaction.
-fn write_batch(st: &Statements, frames: &mut FrameBuffer, spans: &[Span]) -> Result<Applied, String> {
-    let applied = Spi::connect(|c| {
-        c.select(&st.applied, Some(1), &[])?
-            .first()
-            .get_one::<i64>()
-            .map(|v| v.unwrap_or(0))
+/// The body of [`Persister::apply`], inside its transaction: the history,
+/// the applied mark, and the versions (held, or a checkpoint when `due`).
+fn write_batch(
+    st: &Statements,
+    frames: &mut FrameBuffer,
+    spans: &[Span],
+    unsaved: &mut Unsaved,
+    no_history: BTreeSet<String>,
+    due: bool,
+) -> Result<(Applied, Saved), String> {
+    let (applied, exact) = Spi::connect(|c| {
+        let t = c.select(&st.applied, Some(1), &[])?;
+        let r = t.first();
+        Ok::<_, pgrx::spi::Error>((r.get::<i64>(1)?.unwrap_or(0), r.get::<bool>(2)?.unwrap_or(false)))
     })
     .map_err(|e| e.to_string())?;
     let mut updates = VersionUpdates::with_row_limit(ROW_LIMIT);
-    let mut publish = Publish::default();
+    updates.no_history = no_history;
+    let mut out = Output::new(applied);
     frames.for_each(spans, |lsn, frame| -> Result<(), String> {
         let event =
             binary::read_event(frame).map_err(|e| format!("undecodable frame at {}: {e}", lsn_to_string(lsn)))?;
         updates.add(&event, frame);
-        if updates.history.len() >= CHUNK_ROWS || updates.history_bytes >= CHUNK_BYTES {
-            flush(st, &mut updates, applied, &mut publish)?;
+        if updates.history.len() >= TAKE_ROWS || updates.history_bytes >= TAKE_BYTES {
+            out.take(st, &mut updates)?;
         }
         Ok(())
     })?;
     if updates.inside_transaction() {
         return Err("the batch ended inside a transaction (its commit record was not decoded)".into());
     }
-    flush(st, &mut updates, applied, &mut publish)?;
-    let through = updates.last_commit.map_or(0, |c| c.event_id as i64);
-    write_versions(st, &updates, through)?;
-    Ok(Applied {
+    out.take(st, &mut updates)?;
+    out.finish(st)?;
+    if out.batch.is_some() {
+        move_applied_mark(st, updates.last_commit.map_or(0, |c| c.event_id as i64))?;
+    }
+    let long = unsaved.add(&updates);
+    if !long.is_empty() {
+        write_versions(
+            st,
+            &Unsaved {
+                rows: long.into_iter().collect(),
+                ..Unsaved::default()
+            },
+        )?;
+    }
+    let moved = !updates.labels.is_empty() || !updates.floors.is_empty() || !updates.rows.is_empty();
+    let saved = if (due || unsaved.len() >= CHECKPOINT_ENTRIES) && (!unsaved.is_empty() || !exact) {
+        write_versions(st, unsaved)?;
+        Saved::Checkpoint
+    } else if moved && exact {
+        Saved::Inexact
+    } else {
+        Saved::Same
+    };
+    if saved != Saved::Same {
+        let exact = saved == Saved::Checkpoint;
+        Spi::connect_mut(|c| c.update(&st.exact, None, &[exact.into()]).map(|_| ())).map_err(|e| e.to_string())?;
+    }
+    let applied = Applied {
         updates,
-        fresh: publish.rows,
-    })
+        fresh: out.publish,
+    };
+    Ok((applied, saved))
 }
 
-/// The rows a batch will publish, until they are too many.
-struct Publish {
-    rows: Option<Fresh>,
-    bytes: usize,
+/// The labels tracked with `history => false` now.
+fn labels_without_history() -> Result<BTreeSet<String>, String> {
+    crate::sql::select_all(
+        "SELECT DISTINCT label FROM changerelay.tracked_tables WHERE NOT history",
+        &[],
+        |r| r.get::<String>(1).map(Option::unwrap_or_default),
+    )
+    .map(|v| v.into_iter().collect())
+    .map_err(|e| e.to_string())
 }
 
-impl Default for Publish {
-    fn default() -> Self {
-        Publish {
-            rows: Some(Fresh::default()),
-            bytes: 0,
+/// Moves the applied mark (the newest transaction whose history exists).
+fn move_applied_mark(st: &Statements, through: i64) -> Result<(), String> {
+    Spi::connect_mut(|c| c.update(&st.horizon, None, &[through.into()]).map(|_| ())).map_err(|e| e.to_string())
+}
+
+/// Where a batch's history goes: chunks being filled, one per table and
+/// label; packed chunks waiting to be written; the rows to publish.
+struct Output {
+    /// The applied mark: history of transactions at or below it exists.
+    applied: i64,
+    /// The first event id of the batch's history (every chunk's `batch`).
+    batch: Option<u64>,
+    open: BTreeMap<(u32, String), ChunkBuilder>,
+    packed: Vec<(u32, String, Packed)>,
+    packed_bytes: usize,
+    /// `None` once there are too many to publish.
+    publish: Option<Fresh>,
+    publish_bytes: usize,
+}
+
+impl Output {
+    fn new(applied: i64) -> Output {
+        Output {
+            applied,
+            batch: None,
+            open: BTreeMap::new(),
+            packed: Vec::new(),
+            packed_bytes: 0,
+            publish: Some(Fresh::default()),
+            publish_bytes: 0,
         }
     }
-}
 
-/// Writes the queued history rows (those above the applied mark) and the
-/// metadata of their transactions, each chunk in an SPI connection of its
-/// own so its memory is freed right after.
-fn flush(st: &Statements, updates: &mut VersionUpdates, applied: i64, publish: &mut Publish) -> Result<(), String> {
-    let (mut rows, metadata) = updates.take_history();
-    rows.retain(|r| r.event_id as i64 > applied);
-    fail_if_asked(&rows)?;
-    if !rows.is_empty() {
-        let event_ids: Vec<i64> = rows.iter().map(|r| r.event_id as i64).collect();
-        let pos: Vec<i32> = rows.iter().map(|r| r.pos as i32).collect();
-        let ts: Vec<i64> = rows.iter().map(|r| r.ts).collect();
-        let relid: Vec<pg_sys::Oid> = rows.iter().map(|r| pg_sys::Oid::from(r.relid)).collect();
-        let label: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
-        let change: Vec<&[u8]> = rows.iter().map(|r| r.frame.as_slice()).collect();
+    /// Takes the changes decoded so far (those above the applied mark) into
+    /// chunks, writes the metadata of their transactions, and writes the
+    /// packed chunks once they are many.
+    fn take(&mut self, st: &Statements, updates: &mut VersionUpdates) -> Result<(), String> {
+        let (mut rows, metadata) = updates.take_history();
+        rows.retain(|r| r.event_id as i64 > self.applied);
+        fail_if_asked(&rows)?;
+        for row in &rows {
+            self.batch.get_or_insert(row.event_id);
+            let key = (row.relid, row.label.clone());
+            let chunk = self.open.entry(key).or_default();
+            chunk.push(row);
+            if chunk.is_full() {
+                if let Some(p) = chunk.take() {
+                    self.packed_bytes += p.bytes.len();
+                    self.packed.push((row.relid, row.label.clone(), p));
+                }
+            }
+        }
+        let metadata: Vec<(u64, String)> = metadata.into_iter().filter(|(e, _)| *e as i64 > self.applied).collect();
+        if !metadata.is_empty() {
+            let ids: Vec<i64> = metadata.iter().map(|(e, _)| *e as i64).collect();
+            let texts: Vec<&str> = metadata.iter().map(|(_, m)| m.as_str()).collect();
+            Spi::connect_mut(|c| c.update(&st.metadata, None, &[ids.into(), texts.into()]).map(|_| ()))
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(out) = self.publish.as_mut() {
+            self.publish_bytes += rows.iter().map(|r| r.frame.len()).sum::<usize>();
+            if out.rows.len() + rows.len() > PUBLISH_ROWS || self.publish_bytes > PUBLISH_BYTES {
+                self.publish = None;
+            } else {
+                out.rows.extend(rows);
+                out.metadata.extend(metadata);
+            }
+        }
+        let open: usize = self.open.values().map(ChunkBuilder::bytes).sum();
+        if self.packed_bytes >= WRITE_BYTES || open >= TAKE_BYTES {
+            self.finish(st)?;
+        }
+        Ok(())
+    }
+
+    /// Closes every open chunk and writes all packed chunks in one
+    /// statement. Chunks of one table stay in commit order and never
+    /// overlap: each table's open chunk is closed before the next begins.
+    fn finish(&mut self, st: &Statements) -> Result<(), String> {
+        for ((relid, label), mut chunk) in std::mem::take(&mut self.open) {
+            if let Some(p) = chunk.take() {
+                self.packed.push((relid, label, p));
+            }
+        }
+        let packed = std::mem::take(&mut self.packed);
+        self.packed_bytes = 0;
+        if packed.is_empty() {
+            return Ok(());
+        }
+        let batch = self.batch.unwrap_or(0) as i64;
+        let n = packed.len();
+        let (mut event_id, mut pos, mut last_event_id, mut last_pos) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut ts, mut relid, mut label, mut changes, mut bytes) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (r, l, p) in &packed {
+            event_id.push(p.first.0 as i64);
+            pos.push(p.first.1 as i32);
+            last_event_id.push(p.last.0 as i64);
+            last_pos.push(p.last.1 as i32);
+            ts.push(p.last_ts);
+            relid.push(pg_sys::Oid::from(*r));
+            label.push(l.as_str());
+            changes.push(p.changes as i32);
+            bytes.push(p.bytes.as_slice());
+        }
+        let batches = vec![batch; n];
         Spi::connect_mut(|c| {
             c.update(
                 &st.history,
                 None,
                 &[
-                    event_ids.into(),
+                    event_id.into(),
                     pos.into(),
+                    last_event_id.into(),
+                    last_pos.into(),
+                    batches.into(),
                     ts.into(),
                     relid.into(),
                     label.into(),
-                    change.into(),
+                    changes.into(),
+                    bytes.into(),
                 ],
             )
             .map(|_| ())
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
     }
-    let metadata: Vec<(u64, String)> = metadata.into_iter().filter(|(e, _)| *e as i64 > applied).collect();
-    if !metadata.is_empty() {
-        let ids: Vec<i64> = metadata.iter().map(|(e, _)| *e as i64).collect();
-        let texts: Vec<&str> = metadata.iter().map(|(_, m)| m.as_str()).collect();
-        Spi::connect_mut(|c| c.update(&st.metadata, None, &[ids.into(), texts.into()]).map(|_| ()))
-            .map_err(|e| e.to_string())?;
-    }
-    if let Some(out) = publish.rows.as_mut() {
-        publish.bytes += rows.iter().map(|r| r.frame.len()).sum::<usize>();
-        if out.rows.len() + rows.len() > PUBLISH_ROWS || publish.bytes > PUBLISH_BYTES {
-            publish.rows = None;
-        } else {
-            out.rows.extend(rows);
-            out.metadata.extend(metadata);
-        }
-    }
-    Ok(())
 }
 
-/// Writes the batch's versions and moves the applied mark to `through`.
-fn write_versions(st: &Statements, u: &VersionUpdates, through: i64) -> Result<(), String> {
+/// Writes versions into the version tables (each only ever moves forward).
+fn write_versions(st: &Statements, u: &Unsaved) -> Result<(), String> {
     Spi::connect_mut(|c| {
         let mut labels: Vec<&str> = Vec::new();
         let (mut lv, mut lts, mut fv, mut fts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -370,14 +610,6 @@ fn write_versions(st: &Statements, u: &VersionUpdates, through: i64) -> Result<(
                 rts.push(v.ts);
             }
             c.update(&st.rows, None, &[rl.into(), ri.into(), rv.into(), rts.into()])?;
-        }
-        let applied = c
-            .select(&st.applied, Some(1), &[])?
-            .first()
-            .get_one::<i64>()?
-            .unwrap_or(0);
-        if through > applied {
-            c.update(&st.horizon, None, &[through.into()])?;
         }
         Ok::<_, pgrx::spi::Error>(())
     })

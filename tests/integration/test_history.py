@@ -373,3 +373,57 @@ def run_exactly_once(cluster):
                                     JOIN pg_am a ON a.oid = i.relam
                                    WHERE indrelid = 'changerelay.history'::regclass AND amname = 'btree'""").fetchall():
             c.execute("SELECT bt_index_check(%s::regclass, true)", (index,))
+
+
+def test_chunks_of_interleaved_tables_read_back_in_commit_order(db):
+    """Two tables under two labels changed in the same transactions (their history is packed per table and
+    batch, so the chunks overlap): read one change at a time from every cursor, in commit order, nothing twice."""
+    a, la = fresh(db)
+    b, lb = fresh(db)
+    start = db.execute("SELECT changerelay.current_cursor()").fetchone()[0]
+    for i in range(1, 6):
+        db.execute(f"BEGIN; INSERT INTO {a} VALUES ({i}, 't', 'a'); INSERT INTO {b} VALUES ({i}, 't', 'b'); "
+                   f"INSERT INTO {a} VALUES ({i + 100}, 't', 'a'); COMMIT")
+    whole = wait_until(lambda: len(r := changes(db, start, [la, lb])) == 15 and r, what="15 changes")
+    assert [(r[9], r[4]) for r in whole[:3]] == [(la, "1"), (lb, "1"), (la, "101")]
+    assert [(r[1], r[2]) for r in whole] == sorted((r[1], r[2]) for r in whole)
+    one_by_one, cursor = [], start
+    while page := changes(db, cursor, [la, lb], max_events=1):
+        one_by_one += page
+        cursor = page[-1][0]
+    assert one_by_one == whole
+    only_b = changes(db, whole[0][0], [lb], max_events=3)
+    assert [r[4] for r in only_b] == ["1", "2", "3"]
+    stored = db.execute("SELECT sum(changes) FROM changerelay.history WHERE label = ANY (%s)", ([la, lb],)).fetchone()
+    assert stored[0] == 15
+
+
+def test_a_label_tracked_for_versions_only_has_no_history(db):
+    table = "h_" + uuid.uuid4().hex[:10]
+    label = "hv_" + uuid.uuid4().hex[:8]
+    db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    db.execute("SELECT changerelay.track(%s, %s, history => false)", (table, label))
+    start = db.execute("SELECT changerelay.current_cursor()").fetchone()[0]
+    db.execute(f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b')")
+    db.execute(f"UPDATE {table} SET v = 'c' WHERE id = 1")
+    wait_until(lambda: db.execute("SELECT changerelay.version(%s, '1')", (label,)).fetchone()[0], what="versions")
+    v1, v2 = [db.execute("SELECT changerelay.version(%s, %s)", (label, i)).fetchone()[0] for i in ("1", "2")]
+    assert v1 > v2 > 0
+    assert db.execute("SELECT count(*) FROM changerelay.history WHERE label = %s", (label,)).fetchone()[0] == 0
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
+        changes(db, start, [label])
+    assert f'label "{label}" keeps no history' in str(err.value) and "version_map" in err.value.diag.message_hint
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+        db.execute("SELECT * FROM changerelay.watch(%s, %s, '1 second')", (start, [label]))
+    assert all(r[9] != label for r in changes(db, start, None)), "labels NULL: no rows of it, no error"
+    other = "h_" + uuid.uuid4().hex[:10]
+    db.execute(f"CREATE TABLE {other} (id int PRIMARY KEY)")
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as err:
+        db.execute("SELECT changerelay.track(%s, %s)", (other, label))
+    assert "keeps versions only" in str(err.value) and "history => false" in err.value.diag.message_hint
+    # Untracked and tracked again with history: from then on, its changes are history.
+    db.execute("SELECT changerelay.untrack(%s)", (table,))
+    db.execute("SELECT changerelay.track(%s, %s)", (table, label))
+    db.execute(f"INSERT INTO {table} VALUES (3, 'd')")
+    rows = wait_until(lambda: changes(db, start, [label]), what="history after tracking with history")
+    assert [(r[3], r[4]) for r in rows] == [("insert", "3")]

@@ -75,8 +75,16 @@ BEGIN
 END $$;
 DROP FUNCTION changerelay.track(regclass, text, text);
 
--- Versions are written at checkpoints; 0.1.0 wrote them with every batch.
+-- Versions are written at checkpoints, row versions as packed entries of a log
+-- compacted into row_versions now and then; 0.1.0 wrote them with every batch.
 ALTER TABLE changerelay.history_horizon ADD COLUMN versions_exact bool NOT NULL DEFAULT true;
+CREATE TABLE changerelay.version_log (
+    id bigint PRIMARY KEY,
+    rows int NOT NULL,
+    entries bytea NOT NULL
+);
+ALTER TABLE changerelay.version_log ALTER COLUMN entries SET STORAGE EXTERNAL;
+REVOKE ALL ON changerelay.version_log FROM PUBLIC;
 
 -- Transactions the relay worker could not apply.
 CREATE TABLE changerelay.dead_letters (

@@ -9,6 +9,7 @@
 //! | `changerelay.max_labels` | 1024 | postmaster |
 //! | `changerelay.poll_interval` | 1000 ms | sighup |
 //! | `changerelay.batch_changes` | 10000 | sighup |
+//! | `changerelay.max_gather` | 3ms | sighup |
 //! | `changerelay.history_retention` | 24h | sighup |
 //! | `changerelay.max_value_size` | 16MB | sighup |
 //! | `changerelay.decoding_work_mem` | 32MB | sighup |
@@ -37,6 +38,7 @@ pub static MAX_TRACKED_ROWS: GucSetting<i32> = GucSetting::<i32>::new(65536);
 pub static MAX_LABELS: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10000);
+pub static MAX_GATHER_MS: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86400);
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static DECODING_WORK_MEM_KB: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
@@ -100,6 +102,16 @@ pub fn define(preloading: bool) {
         1_000_000,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.max_gather",
+        c"Longest the busy relay worker lets commits gather before it decodes the next batch.",
+        c"Several commits per apply transaction write a fraction of the WAL of one each, at this much added latency; 0 applies every commit as soon as it is seen.",
+        &MAX_GATHER_MS,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"changerelay.history_retention",
@@ -350,6 +362,10 @@ pub fn poll_interval() -> std::time::Duration {
 
 pub fn batch_changes() -> i32 {
     BATCH_CHANGES.get().max(100)
+}
+
+pub fn max_gather() -> std::time::Duration {
+    std::time::Duration::from_millis(MAX_GATHER_MS.get().max(0) as u64)
 }
 
 pub fn history_retention() -> std::time::Duration {

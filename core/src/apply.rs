@@ -4,6 +4,7 @@
 
 use crate::event::{Event, TxnHeader};
 use crate::history::HistoryRow;
+use crate::pack;
 use crate::time::unix_us_to_ms;
 use crate::versions::Version;
 use std::collections::{BTreeMap, BTreeSet};
@@ -288,10 +289,58 @@ impl Unsaved {
         self.labels.is_empty() && self.floors.is_empty() && self.rows.is_empty()
     }
 
+    /// The row versions, packed for one entry of the version log (see
+    /// `crate::pack`): per row, the label, the identifier (both length
+    /// prefixed), the version and its time (zigzag). Rows come in key order,
+    /// so the labels repeat and compress away.
+    pub fn pack_rows(&self) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(self.rows.len() * 24);
+        for ((label, id), v) in &self.rows {
+            pack::put_bytes(&mut raw, label.as_bytes());
+            pack::put_bytes(&mut raw, id.as_bytes());
+            pack::put_varint(&mut raw, v.v);
+            pack::put_varint(&mut raw, pack::zigzag(v.ts));
+        }
+        pack::pack(&raw)
+    }
+
+    /// The row versions of a version log entry, in the order packed.
+    pub fn unpack_rows(bytes: &[u8]) -> Result<Vec<((String, String), Version)>, String> {
+        let raw = pack::unpack(bytes).map_err(|e| format!("a damaged version log entry: {e}"))?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        while at < raw.len() {
+            let label = text(pack::get_bytes(&raw, &mut at)?);
+            let id = text(pack::get_bytes(&raw, &mut at)?);
+            let v = pack::get_varint(&raw, &mut at)?;
+            let ts = pack::unzigzag(pack::get_varint(&raw, &mut at)?);
+            out.push(((label, id), Version { v, ts }));
+        }
+        Ok(out)
+    }
+
     /// Entries held (what a checkpoint will write).
     pub fn len(&self) -> usize {
         self.labels.len() + self.floors.len() + self.rows.len()
     }
+}
+
+/// How long a relay worker lets commits gather before its next batch: none
+/// unless the last batch held several transactions (commits come faster
+/// than one per batch); then the time in which `target` transactions arrive
+/// at the rate of the last batch (`transactions` in `since`), at most `max`.
+pub fn gather_time(
+    transactions: u64,
+    since: std::time::Duration,
+    target: u64,
+    max: std::time::Duration,
+) -> Option<std::time::Duration> {
+    if transactions < 2 || max.is_zero() || since.is_zero() {
+        return None;
+    }
+    let per_transaction = since.as_secs_f64() / transactions as f64;
+    Some(std::time::Duration::from_secs_f64(per_transaction * target as f64).min(max))
 }
 
 /// The moved versions of one label, as an endpoint sends them.
@@ -544,6 +593,43 @@ mod tests {
         assert_eq!(s.floors["b"], v(7));
         assert_eq!(s.len(), 3);
         assert!(!s.is_empty() && Unsaved::default().is_empty());
+    }
+
+    #[test]
+    fn row_versions_pack_for_the_version_log() {
+        let mut s = Unsaved::default();
+        for i in 0..1000u64 {
+            s.rows.insert(
+                ("pgbench_accounts".into(), i.to_string()),
+                Version {
+                    v: 90_000_000 + i,
+                    ts: 1_764_000_000_000 + i as i64,
+                },
+            );
+        }
+        let packed = s.pack_rows();
+        assert!(packed.len() < 1000 * 16, "about a dozen bytes a row: {}", packed.len());
+        let rows = Unsaved::unpack_rows(&packed).unwrap_or_default();
+        assert_eq!(rows, s.rows.clone().into_iter().collect::<Vec<_>>());
+        assert!(Unsaved::unpack_rows(&packed[..packed.len() - 2]).is_err());
+    }
+
+    #[test]
+    fn a_busy_worker_gathers_up_to_a_bound() {
+        use std::time::Duration as D;
+        let max = D::from_millis(3);
+        assert_eq!(
+            gather_time(1, D::from_millis(1), 16, max),
+            None,
+            "one commit per batch: no wait"
+        );
+        assert_eq!(
+            gather_time(8, D::from_millis(2), 16, max),
+            Some(D::from_millis(3)),
+            "capped"
+        );
+        assert_eq!(gather_time(20, D::from_millis(2), 16, max), Some(D::from_micros(1600)));
+        assert_eq!(gather_time(20, D::from_millis(2), 16, D::ZERO), None, "switched off");
     }
 
     #[test]

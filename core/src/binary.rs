@@ -5,7 +5,7 @@
 //! `changerelay.decode`), so decoding bounds allocations by the frame's own
 //! length, rejects trailing bytes and checks array shapes.
 
-use crate::event::{Event, Value, MAX_ARRAY_DIMS};
+use crate::event::{Event, TxnHeader, Value, MAX_ARRAY_DIMS};
 use bincode::Options;
 use std::fmt;
 
@@ -30,6 +30,29 @@ pub fn write_event(event: &Event<'_>, out: &mut Vec<u8>) -> Result<(), String> {
 /// (bincode writes the variant index first, as a varint: `Begin` is 0).
 pub fn opens_transaction(frame: &[u8]) -> bool {
     frame.len() >= 2 && frame[0] == FORMAT_VERSION && frame[1] == 0
+}
+
+/// A change or truncate frame split at the end of its transaction header
+/// (bincode writes the variant index, then the struct's first field, its
+/// `txn`): the header, and where the rest of the frame starts. History
+/// chunks keep the header once per transaction and the rest per change.
+/// `None` for other frames.
+pub fn split_header(frame: &[u8]) -> Option<(TxnHeader, usize)> {
+    if frame.len() < 3 || frame[0] != FORMAT_VERSION || !matches!(frame[1], 1 | 2) {
+        return None;
+    }
+    let mut rest = &frame[2..];
+    let header: TxnHeader = codec().deserialize_from(&mut rest).ok()?;
+    Some((header, frame.len() - rest.len()))
+}
+
+/// The frame that [`split_header`] split: version, variant, header, rest.
+pub fn join_header(variant: u8, header: &TxnHeader, rest: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    out.push(FORMAT_VERSION);
+    out.push(variant);
+    codec().serialize_into(&mut *out, header).map_err(|e| e.to_string())?;
+    out.extend_from_slice(rest);
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,14 +10,20 @@
 //! first change can hand out every change that comes before the next chunk's
 //! first change: nothing later can precede it ([`Merge`]).
 //!
-//! The packed form, [`pack`]: a format byte (1), then lz4 (block format,
-//! with the uncompressed size first) of, per change, varints: the event id's
+//! The packed form (`crate::pack`) holds, per change, varints: the event id's
 //! difference to the previous change's, the position, the commit time's
-//! difference (zigzag), the frame's length; then the frame. Frames of one
+//! difference (zigzag), the frame's length and how it is kept; then the
+//! frame, without its transaction header when it is a change or truncate
+//! (the header's transaction id and commit time follow as differences to
+//! the previous change's: the header is most of what the frames of one
+//! table do not share, so this is a third of a chunk's size). Frames of one
 //! table repeat their schema, table, label and column names, which is what
 //! the compression takes out.
 
+use crate::binary;
+use crate::event::TxnHeader;
 use crate::history::HistoryRow;
+use crate::pack::{self, get_varint, put_varint, unzigzag, zigzag};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -26,41 +32,8 @@ pub const CHUNK_CHANGES: usize = 1000;
 /// ...and bytes of frames (a reader decodes a chunk whole).
 pub const CHUNK_BYTES: usize = 1 << 20;
 
-const FORMAT: u8 = 1;
-
 /// A position in history: (event id, position in its transaction).
 pub type Position = (u64, u32);
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn get_varint(data: &[u8], at: &mut usize) -> Result<u64, String> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let Some(&b) = data.get(*at) else {
-            return Err("a history chunk ends inside a number".into());
-        };
-        *at += 1;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err("a history chunk holds a number longer than 64 bits".into())
-}
-
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
-}
 
 /// The changes of one chunk being built, in commit order.
 #[derive(Debug, Default)]
@@ -69,8 +42,16 @@ pub struct ChunkBuilder {
     first: Option<Position>,
     last: Position,
     last_ts: i64,
+    /// The transaction header of the last change whose frame's header was
+    /// left out (the next one is written as differences to it).
+    last_header: (u32, i64),
     changes: usize,
 }
+
+/// How a change's frame is kept in a chunk: whole, or without its
+/// transaction header (variant 1, a change; 2, a truncate), which the chunk
+/// then holds as differences to the previous change's.
+const WHOLE: u64 = 0;
 
 impl ChunkBuilder {
     /// Appends a change (after every change already in the chunk).
@@ -83,8 +64,21 @@ impl ChunkBuilder {
         put_varint(&mut self.raw, row.event_id.wrapping_sub(prev_event));
         put_varint(&mut self.raw, u64::from(row.pos));
         put_varint(&mut self.raw, zigzag(row.ts.wrapping_sub(prev_ts)));
-        put_varint(&mut self.raw, row.frame.len() as u64);
-        self.raw.extend_from_slice(&row.frame);
+        match binary::split_header(&row.frame).filter(|(h, _)| h.event_id == row.event_id) {
+            Some((h, at)) => {
+                let rest = &row.frame[at..];
+                put_varint(&mut self.raw, (rest.len() as u64) << 2 | u64::from(row.frame[1]));
+                let (xid, commit_us) = self.last_header;
+                put_varint(&mut self.raw, zigzag(i64::from(h.xid) - i64::from(xid)));
+                put_varint(&mut self.raw, zigzag(h.commit_us.wrapping_sub(commit_us)));
+                self.raw.extend_from_slice(rest);
+                self.last_header = (h.xid, h.commit_us);
+            }
+            None => {
+                put_varint(&mut self.raw, (row.frame.len() as u64) << 2 | WHOLE);
+                self.raw.extend_from_slice(&row.frame);
+            }
+        }
         self.first.get_or_insert((row.event_id, row.pos));
         self.last = (row.event_id, row.pos);
         self.last_ts = row.ts;
@@ -114,7 +108,7 @@ impl ChunkBuilder {
             last: self.last,
             last_ts: self.last_ts,
             changes: self.changes as u32,
-            bytes: pack(&self.raw),
+            bytes: pack::pack(&self.raw),
         };
         *self = ChunkBuilder::default();
         Some(packed)
@@ -132,51 +126,48 @@ pub struct Packed {
     pub bytes: Vec<u8>,
 }
 
-fn pack(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() / 2 + 16);
-    out.push(FORMAT);
-    out.extend_from_slice(&lz4_flex::block::compress_prepend_size(raw));
-    out
-}
-
-/// Most bytes a chunk may unpack to (a damaged size prefix must not make a
-/// reader allocate gigabytes).
-const MAX_UNPACKED: usize = 64 << 20;
-
 /// The changes of a stored chunk of table `relid` under `label`.
 pub fn unpack(bytes: &[u8], relid: u32, label: &str) -> Result<Vec<HistoryRow>, String> {
-    let Some((&format, body)) = bytes.split_first() else {
-        return Err("an empty history chunk".into());
-    };
-    if format != FORMAT {
-        return Err(format!("history chunk format {format} is unknown"));
-    }
-    let size = body
-        .get(..4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or("a history chunk too short for its size")?;
-    if size > MAX_UNPACKED {
-        return Err(format!("a history chunk claims {size} bytes"));
-    }
-    let raw = lz4_flex::block::decompress_size_prepended(body).map_err(|e| format!("a damaged history chunk: {e}"))?;
+    let raw = pack::unpack(bytes).map_err(|e| format!("a damaged history chunk: {e}"))?;
     let mut rows = Vec::new();
     let (mut at, mut event_id, mut ts) = (0usize, 0u64, 0i64);
+    let (mut xid, mut commit_us) = (0u32, 0i64);
     while at < raw.len() {
         event_id = event_id.wrapping_add(get_varint(&raw, &mut at)?);
         let pos = u32::try_from(get_varint(&raw, &mut at)?).map_err(|_| "a history position beyond 32 bits")?;
         ts = ts.wrapping_add(unzigzag(get_varint(&raw, &mut at)?));
-        let len = get_varint(&raw, &mut at)? as usize;
-        let frame = raw
+        let tag = get_varint(&raw, &mut at)?;
+        let (len, kind) = ((tag >> 2) as usize, tag & 3);
+        let mut header = None;
+        if kind != WHOLE {
+            let x = i64::from(xid) + unzigzag(get_varint(&raw, &mut at)?);
+            xid = u32::try_from(x).map_err(|_| "a history chunk holds a transaction id beyond 32 bits")?;
+            commit_us = commit_us.wrapping_add(unzigzag(get_varint(&raw, &mut at)?));
+            header = Some(TxnHeader {
+                xid,
+                event_id,
+                commit_us,
+            });
+        }
+        let body = raw
             .get(at..at.saturating_add(len))
             .ok_or("a history chunk ends inside a frame")?;
         at += len;
+        let frame = match header {
+            Some(h) => {
+                let mut f = Vec::with_capacity(len + 24);
+                binary::join_header(kind as u8, &h, body, &mut f)?;
+                f
+            }
+            None => body.to_vec(),
+        };
         rows.push(HistoryRow {
             event_id,
             pos,
             ts,
             relid,
             label: label.to_string(),
-            frame: frame.to_vec(),
+            frame,
         });
     }
     Ok(rows)
@@ -287,6 +278,58 @@ mod tests {
         assert_eq!(unpack(&p.bytes, 5, "l"), Ok(rows));
     }
 
+    /// Real change frames lose their transaction header in the chunk and
+    /// get it back, byte for byte.
+    #[test]
+    fn change_frames_unpack_byte_for_byte() {
+        use crate::event::{Change, Column, Event, Op, Scalar, Tracking, TxnHeader, Value};
+        let frame = |xid: u32, event_id: u64, id: i64| {
+            let e = Event::Change(Change {
+                txn: TxnHeader {
+                    xid,
+                    event_id,
+                    commit_us: event_id as i64 * 7,
+                },
+                seq: 0,
+                op: Op::Update,
+                schema: "public".into(),
+                table: "accounts".into(),
+                key: Some(vec![Column {
+                    name: "id".into(),
+                    value: Value::Scalar(Scalar::Int(id)),
+                }]),
+                new: None,
+                old: None,
+                unchanged_toast: vec![],
+                tracking: Some(Tracking {
+                    relid: 5,
+                    label: "l".into(),
+                    identifier: Some(id.to_string().into()),
+                    old_identifier: None,
+                    unknown_identifier: false,
+                }),
+            });
+            let mut out = Vec::new();
+            crate::binary::write_event(&e, &mut out).unwrap_or_else(|e| panic!("{e}"));
+            out
+        };
+        let rows: Vec<HistoryRow> = (0..50u64)
+            .map(|i| {
+                row(
+                    90_000_000 + i * 300,
+                    0,
+                    5,
+                    &frame(70_000 + i as u32, 90_000_000 + i * 300, i as i64),
+                )
+            })
+            .collect();
+        let p = chunk(&rows);
+        assert_eq!(unpack(&p.bytes, 5, "l"), Ok(rows.clone()));
+        // A frame whose header names another transaction is kept whole.
+        let odd = vec![row(10, 0, 5, &frame(1, 11, 1)), row(10, 1, 5, &frame(1, 10, 2))];
+        assert_eq!(unpack(&chunk(&odd).bytes, 5, "l"), Ok(odd));
+    }
+
     #[test]
     fn a_builder_is_empty_after_take_and_says_when_full() {
         let mut b = ChunkBuilder::default();
@@ -306,7 +349,7 @@ mod tests {
         assert!(unpack(&[], 1, "l").is_err());
         assert!(unpack(&[9], 1, "l").is_err());
         assert!(unpack(&p.bytes[..p.bytes.len() - 1], 1, "l").is_err());
-        let mut huge = vec![FORMAT];
+        let mut huge = vec![pack::FORMAT];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(unpack(&huge, 1, "l").is_err());
         // A frame length beyond the chunk.
@@ -314,7 +357,7 @@ mod tests {
         for v in [1u64, 0, 0, 1000] {
             put_varint(&mut raw, v);
         }
-        assert!(unpack(&pack(&raw), 1, "l").is_err());
+        assert!(unpack(&pack::pack(&raw), 1, "l").is_err());
     }
 
     /// Two tables of one batch, interleaved, then a later batch: read from a
@@ -337,20 +380,5 @@ mod tests {
         }
         assert_eq!(out, vec![(10, 1, 2), (20, 0, 1), (30, 0, 2), (30, 1, 1), (40, 0, 1)]);
         assert_eq!(m.held(), 0);
-    }
-
-    #[test]
-    fn varints_and_zigzag_round_trip() {
-        for v in [0u64, 1, 127, 128, 300, u64::MAX] {
-            let mut out = Vec::new();
-            put_varint(&mut out, v);
-            let mut at = 0;
-            assert_eq!(get_varint(&out, &mut at), Ok(v));
-            assert_eq!(at, out.len());
-        }
-        for v in [0i64, -1, 1, i64::MIN, i64::MAX] {
-            assert_eq!(unzigzag(zigzag(v)), v);
-        }
-        assert!(get_varint(&[0x80; 11], &mut 0).is_err());
     }
 }

@@ -17,6 +17,7 @@ pub mod json;
 pub mod lsn;
 pub mod metadata;
 pub mod options;
+pub mod pack;
 pub mod tables;
 pub mod time;
 pub mod versions;

@@ -39,8 +39,18 @@ CREATE TABLE changerelay.row_versions (
     ts bigint NOT NULL,
     PRIMARY KEY (label, identifier)
 );
+-- Row versions written at version checkpoints since row_versions was last
+-- compacted: one entry per checkpoint, packed (rows: how many it holds);
+-- row_versions and then the entries in id order give the versions.
+CREATE TABLE changerelay.version_log (
+    id bigint PRIMARY KEY,
+    rows int NOT NULL,
+    entries bytea NOT NULL
+);
+ALTER TABLE changerelay.version_log ALTER COLUMN entries SET STORAGE EXTERNAL;
 GRANT USAGE ON SCHEMA changerelay TO PUBLIC;
-REVOKE ALL ON changerelay.tracked_tables, changerelay.label_versions, changerelay.row_versions FROM PUBLIC;
+REVOKE ALL ON changerelay.tracked_tables, changerelay.label_versions, changerelay.row_versions,
+              changerelay.version_log FROM PUBLIC;
 GRANT SELECT ON changerelay.tracked_tables, changerelay.label_versions TO PUBLIC;
 "#,
     name = "tracking_tables",

@@ -97,10 +97,34 @@ fn persisted_as_written(label: &str, ident: Option<&str>) -> (Option<Version>, V
         .collect::<Result<Vec<_>, _>>()
     })
     .unwrap_or_default();
+    let rows = with_logged(label, ident, rows);
     match head {
         Some((all, floor)) => (Some(all), floor, rows),
         None => (None, Version::default(), rows),
     }
+}
+
+/// `rows` of `label` (only `ident`'s, when given) with the newer versions
+/// of the version log merged in, in identifier order. The log holds the
+/// checkpoints since `row_versions` was last compacted.
+fn with_logged(label: &str, ident: Option<&str>, rows: Vec<(String, Version)>) -> Vec<(String, Version)> {
+    let entries = crate::sql::select_all("SELECT entries FROM changerelay.version_log ORDER BY id", &[], |r| {
+        r.get::<Vec<u8>>(1).map(Option::unwrap_or_default)
+    })
+    .unwrap_or_default();
+    if entries.is_empty() {
+        return rows;
+    }
+    let mut merged: std::collections::BTreeMap<String, Version> = rows.into_iter().collect();
+    for entry in entries {
+        for ((l, id), v) in changerelay_core::apply::Unsaved::unpack_rows(&entry).unwrap_or_default() {
+            if l == label && ident.is_none_or(|i| i == id) {
+                let slot = merged.entry(id).or_default();
+                *slot = slot.max(v);
+            }
+        }
+    }
+    merged.into_iter().collect()
 }
 
 /// A label's versions: the `all` version and every row version kept.

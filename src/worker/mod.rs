@@ -19,6 +19,7 @@ use crate::shmem::{self, WorkerState};
 use crate::sql::{select_all, select_one};
 use changerelay_core::apply::VersionUpdates;
 use changerelay_core::lsn::lsn_to_string;
+mod checkpoint;
 mod decoder;
 mod endpoint;
 mod frames;
@@ -102,6 +103,8 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         last_prune: None,
         link: endpoint::start(),
         persister: persist::Persister::default(),
+        pace: Pace::default(),
+        gather: None,
         versions_saved: false,
         waiting_for_update: None,
         endpoint_retry: None,
@@ -160,6 +163,10 @@ struct Relay {
     last_prune: Option<std::time::Instant>,
     link: Option<endpoint::Link>,
     persister: persist::Persister,
+    /// How fast commits arrive, and so how long the next batch gathers.
+    pace: Pace,
+    /// The next batch [`gather`]s this long first.
+    gather: Option<Duration>,
     /// Whether this process made the version tables exact after start
     /// ([`persist::Persister::save_shared_memory_if_inexact`]).
     versions_saved: bool,
@@ -232,6 +239,9 @@ impl Relay {
         let Some(decoder) = self.decoder.as_mut() else {
             return poll;
         };
+        if let Some(d) = self.gather.take() {
+            gather(d);
+        }
         let (mut frames, end, more) = decoder.decode(gucs::batch_changes().max(1) as usize);
         if let Some(why) = frames.failure() {
             error!("pg_changerelay relay: {why}");
@@ -257,6 +267,9 @@ impl Relay {
         };
         decoder.confirm(end);
         let confirmed = decoder.confirmed();
+        self.gather = self
+            .pace
+            .next_gather(results.iter().map(|a| a.updates.transactions).sum());
         for applied in results {
             self.publish(applied, confirmed);
         }
@@ -368,6 +381,43 @@ impl Relay {
                 link.publish_batch(applied.fresh, updates);
             }
         }
+    }
+}
+
+/// Transactions a busy worker aims to apply per batch: several commits per
+/// apply transaction write a fraction of the WAL of one each (a history row
+/// per table and batch, one commit record).
+const GATHER_TARGET: u64 = 16;
+
+/// The rate of the last batches, from which the next batch's gathering time
+/// follows: busy (a batch held several transactions, so commits come faster
+/// than the worker applies them one by one), the time in which
+/// [`GATHER_TARGET`] commits arrive, at most `changerelay.max_gather`.
+#[derive(Default)]
+struct Pace {
+    last: Option<std::time::Instant>,
+}
+
+impl Pace {
+    fn next_gather(&mut self, transactions: u64) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let since = self.last.replace(now).map(|t| now - t)?;
+        let max = gucs::max_gather();
+        changerelay_core::apply::gather_time(transactions, since, GATHER_TARGET, max)
+    }
+}
+
+/// Sleeps `d` whatever sets the latch (commits do, all the time); a SIGTERM
+/// is seen right after.
+fn gather(d: Duration) {
+    // SAFETY: main thread; a timeout-only wait on this process's latch.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            d.as_millis().max(1) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
     }
 }
 
@@ -542,7 +592,7 @@ fn apply_to_shared_memory(u: &VersionUpdates) {
 /// restart can be newer. A spurious increment for every row, never a missed
 /// one; `Persister::save_shared_memory_if_inexact` then writes the map.
 fn load_versions() {
-    let (labels, rows, floor) = BackgroundWorker::transaction(|| {
+    let (labels, rows, floor, logged) = BackgroundWorker::transaction(|| {
         let floor = crate::sql::versions::floor_if_inexact();
         let labels = select_all(
             "SELECT label, v, ts, floor_v, floor_ts FROM changerelay.label_versions
@@ -566,15 +616,23 @@ fn load_versions() {
                 Ok((text(1)?, text(2)?, n(3)?, n(4)?))
             },
         );
-        match (labels, rows, floor) {
-            (Ok(l), Ok(r), Ok(f)) => (l, r, f),
-            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+        let logged = checkpoint::read_log().and_then(|entries| {
+            let mut out = Vec::new();
+            for e in entries {
+                out.extend(changerelay_core::apply::Unsaved::unpack_rows(&e)?);
+            }
+            Ok(out)
+        });
+        match (labels, rows, floor, logged) {
+            (Ok(l), Ok(r), Ok(f), Ok(g)) => (l, r, f, g),
+            (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) => {
                 error!("pg_changerelay relay: could not load versions: {e}")
             }
+            (_, _, _, Err(e)) => error!("pg_changerelay relay: could not load the version log: {e}"),
         }
     });
     use changerelay_core::versions::Version;
-    let n = rows.len();
+    let n = rows.len() + logged.len();
     shmem::with_map_mut(|mut m| {
         for (label, v, ts, fv, fts) in &labels {
             if let Ok(i) = m.ensure_label(label) {
@@ -595,6 +653,12 @@ fn load_versions() {
         for (label, id, v, ts) in &rows {
             if let Ok(i) = m.ensure_label(label) {
                 m.bump_row(i, id.as_bytes(), Version { v: *v as u64, ts: *ts });
+            }
+        }
+        // Then the version log, oldest checkpoint first.
+        for ((label, id), v) in &logged {
+            if let Ok(i) = m.ensure_label(label) {
+                m.bump_row(i, id.as_bytes(), *v);
             }
         }
     });

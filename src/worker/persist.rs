@@ -18,6 +18,7 @@
 //! ([`Persister::dead_letter`]): its frames and the error are kept, and the
 //! versions it touches move, so caches reload; the relay goes on.
 
+use super::checkpoint::{self, Saved, VersionLog};
 use super::frames::{FrameBuffer, Span};
 use crate::txn::try_transaction;
 use changerelay_core::apply::{Unsaved, VersionUpdates};
@@ -74,19 +75,21 @@ const METADATA: &str = "INSERT INTO changerelay.history_metadata (event_id, meta
        FROM unnest($1::pg_catalog.int8[], $2::pg_catalog.text[]) AS u(e, m)";
 const HORIZON: &str = "UPDATE changerelay.history_horizon SET applied = greatest(applied, $1)";
 const EXACT: &str = "UPDATE changerelay.history_horizon SET versions_exact = $1";
+const LOG: &str = "INSERT INTO changerelay.version_log (id, rows, entries) VALUES ($1, $2, $3)";
 const DEAD_LETTER: &str = "INSERT INTO changerelay.dead_letters (event_id, xid, labels, error, frames, bytes)
      VALUES ($1, $2, $3, $4, $5, $6)";
 const DEAD_LETTER_FRAMES: &str = "INSERT INTO changerelay.dead_letter_frames (event_id, n, frame)
      SELECT $1, * FROM unnest($2::pg_catalog.int4[], $3::pg_catalog.bytea[])";
 
-struct Statements {
+pub struct Statements {
     applied: OwnedPreparedStatement,
-    labels: OwnedPreparedStatement,
-    rows: OwnedPreparedStatement,
+    pub labels: OwnedPreparedStatement,
+    pub rows: OwnedPreparedStatement,
     history: OwnedPreparedStatement,
     metadata: OwnedPreparedStatement,
     horizon: OwnedPreparedStatement,
-    exact: OwnedPreparedStatement,
+    pub exact: OwnedPreparedStatement,
+    pub log: OwnedPreparedStatement,
 }
 
 fn oids(types: &[pg_sys::Oid]) -> Vec<PgOid> {
@@ -109,6 +112,9 @@ impl Statements {
             metadata: c.prepare_mut(METADATA, &oids(&[I8S, TS]))?.keep(),
             horizon: c.prepare_mut(HORIZON, &oids(&[I8]))?.keep(),
             exact: c.prepare_mut(EXACT, &oids(&[pg_sys::BOOLOID]))?.keep(),
+            log: c
+                .prepare_mut(LOG, &oids(&[I8, pg_sys::INT4OID, pg_sys::BYTEAOID]))?
+                .keep(),
         })
     }
 }
@@ -152,6 +158,8 @@ pub struct Persister {
     unsaved: Unsaved,
     /// What `history_horizon.versions_exact` says, once read.
     exact: Option<bool>,
+    /// The version log, once read.
+    log: Option<VersionLog>,
     last_checkpoint: Instant,
 }
 
@@ -162,23 +170,13 @@ impl Default for Persister {
             no_history: None,
             unsaved: Unsaved::default(),
             exact: None,
+            log: None,
             last_checkpoint: Instant::now(),
         }
     }
 }
 
-/// How a committed batch left the version tables.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Saved {
-    /// Unchanged.
-    Same,
-    /// Marked inexact.
-    Inexact,
-    /// A checkpoint: everything held was written.
-    Checkpoint,
-}
-
-fn prepared<'a>(statements: &'a mut Option<Statements>) -> Result<&'a Statements, String> {
+fn prepared(statements: &mut Option<Statements>) -> Result<&Statements, String> {
     if statements.is_none() {
         *statements = Some(Spi::connect(Statements::prepare).map_err(|e| e.to_string())?);
     }
@@ -189,15 +187,20 @@ impl Persister {
     /// Applies the frames of `spans` in one transaction and commits it.
     /// A Postgres error rolls everything back and is returned as text.
     pub fn apply(&mut self, frames: &mut FrameBuffer, spans: &[Span]) -> Result<Applied, String> {
+        let due = self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY || self.unsaved.len() >= CHECKPOINT_ENTRIES;
         let (statements, unsaved, policy) = (&mut self.statements, &mut self.unsaved, &mut self.no_history);
-        let due = self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+        let log = self.log;
         let (applied, saved) = try_transaction(|| {
             let st = prepared(statements)?;
             if policy.is_none() {
                 *policy = Some(labels_without_history()?);
             }
             let no_history = policy.clone().unwrap_or_default();
-            write_batch(st, frames, spans, unsaved, no_history, due)
+            let log = match log {
+                Some(l) => l,
+                None => VersionLog::read()?,
+            };
+            write_batch(st, frames, spans, unsaved, no_history, due.then_some(log))
         })?;
         self.no_history = Some(applied.updates.no_history.clone());
         self.saved(saved);
@@ -208,9 +211,10 @@ impl Persister {
         match saved {
             Saved::Same => {}
             Saved::Inexact => self.exact = Some(false),
-            Saved::Checkpoint => {
+            Saved::Checkpoint(log) => {
                 self.unsaved = Unsaved::default();
                 self.exact = Some(true);
+                self.log = Some(log);
                 self.last_checkpoint = Instant::now();
             }
         }
@@ -221,13 +225,16 @@ impl Persister {
         if self.unsaved.is_empty() && self.exact == Some(true) {
             return Ok(());
         }
-        let (statements, unsaved) = (&mut self.statements, &self.unsaved);
-        try_transaction(|| {
+        let (statements, unsaved, log) = (&mut self.statements, &self.unsaved, self.log);
+        let saved = try_transaction(|| {
             let st = prepared(statements)?;
-            write_versions(st, unsaved)?;
-            Spi::connect_mut(|c| c.update(&st.exact, None, &[true.into()]).map(|_| ())).map_err(|e| e.to_string())
+            let log = match log {
+                Some(l) => l,
+                None => VersionLog::read()?,
+            };
+            checkpoint::write(st, unsaved, log)
         })?;
-        self.saved(Saved::Checkpoint);
+        self.saved(saved);
         Ok(())
     }
 
@@ -330,7 +337,7 @@ impl Persister {
                 floors: updates.floors.clone(),
                 rows: BTreeMap::new(),
             };
-            write_versions(st, &moved)?;
+            checkpoint::upsert_labels(st, &moved)?;
             move_applied_mark(st, event_id)?;
             Ok(Applied {
                 updates,
@@ -368,7 +375,7 @@ fn write_batch(
     spans: &[Span],
     unsaved: &mut Unsaved,
     no_history: BTreeSet<String>,
-    due: bool,
+    due: Option<VersionLog>,
 ) -> Result<(Applied, Saved), String> {
     let (applied, exact) = Spi::connect(|c| {
         let t = c.select(&st.applied, Some(1), &[])?;
@@ -398,27 +405,17 @@ fn write_batch(
     }
     let long = unsaved.add(&updates);
     if !long.is_empty() {
-        write_versions(
-            st,
-            &Unsaved {
-                rows: long.into_iter().collect(),
-                ..Unsaved::default()
-            },
-        )?;
+        checkpoint::upsert_rows(st, long.iter().map(|(k, v)| (k, *v)))?;
     }
     let moved = !updates.labels.is_empty() || !updates.floors.is_empty() || !updates.rows.is_empty();
-    let saved = if (due || unsaved.len() >= CHECKPOINT_ENTRIES) && (!unsaved.is_empty() || !exact) {
-        write_versions(st, unsaved)?;
-        Saved::Checkpoint
-    } else if moved && exact {
-        Saved::Inexact
-    } else {
-        Saved::Same
+    let saved = match due {
+        Some(log) if !unsaved.is_empty() || !exact => checkpoint::write(st, unsaved, log)?,
+        _ if moved && exact => {
+            Spi::connect_mut(|c| c.update(&st.exact, None, &[false.into()]).map(|_| ())).map_err(|e| e.to_string())?;
+            Saved::Inexact
+        }
+        _ => Saved::Same,
     };
-    if saved != Saved::Same {
-        let exact = saved == Saved::Checkpoint;
-        Spi::connect_mut(|c| c.update(&st.exact, None, &[exact.into()]).map(|_| ())).map_err(|e| e.to_string())?;
-    }
     let applied = Applied {
         updates,
         fresh: out.publish,
@@ -574,46 +571,6 @@ impl Output {
         })
         .map_err(|e| e.to_string())
     }
-}
-
-/// Writes versions into the version tables (each only ever moves forward).
-fn write_versions(st: &Statements, u: &Unsaved) -> Result<(), String> {
-    Spi::connect_mut(|c| {
-        let mut labels: Vec<&str> = Vec::new();
-        let (mut lv, mut lts, mut fv, mut fts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for label in u
-            .labels
-            .keys()
-            .chain(u.floors.keys().filter(|l| !u.labels.contains_key(*l)))
-        {
-            let all = u.labels.get(label).copied().unwrap_or_default();
-            let floor = u.floors.get(label).copied().unwrap_or_default();
-            labels.push(label);
-            lv.push(all.v as i64);
-            lts.push(all.ts);
-            fv.push(floor.v as i64);
-            fts.push(floor.ts);
-        }
-        if !labels.is_empty() {
-            c.update(
-                &st.labels,
-                None,
-                &[labels.into(), lv.into(), lts.into(), fv.into(), fts.into()],
-            )?;
-        }
-        if !u.rows.is_empty() {
-            let (mut rl, mut ri, mut rv, mut rts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((label, id), v) in &u.rows {
-                rl.push(label.as_str());
-                ri.push(id.as_str());
-                rv.push(v.v as i64);
-                rts.push(v.ts);
-            }
-            c.update(&st.rows, None, &[rl.into(), ri.into(), rv.into(), rts.into()])?;
-        }
-        Ok::<_, pgrx::spi::Error>(())
-    })
-    .map_err(|e| e.to_string())
 }
 
 /// Debug builds only: `changerelay.debug_fail_label` makes every write of

@@ -4,6 +4,7 @@
 
 use crate::event::{Event, TxnHeader};
 use crate::history::HistoryRow;
+use crate::images;
 use crate::pack;
 use crate::time::unix_us_to_ms;
 use crate::versions::Version;
@@ -42,6 +43,11 @@ pub struct VersionUpdates {
     row_limit: usize,
     /// Labels whose rows were folded into their floor in this batch.
     folded: BTreeSet<String>,
+    /// Recent row images of the batch, for deletes ([`images`]).
+    images: images::Images,
+    /// Positions in `history` of deletes still without an image (to look
+    /// for in stored history).
+    pub needs_image: Vec<usize>,
     /// Labels tracked with `history => false`, as of the event being read
     /// (set by the caller before the batch, followed through the batch's
     /// changes of the tracking table).
@@ -82,6 +88,8 @@ impl VersionUpdates {
             open: None,
             row_limit,
             folded: BTreeSet::new(),
+            images: images::Images::default(),
+            needs_image: Vec::new(),
             no_history: BTreeSet::new(),
             last_commit: None,
             transactions: 0,
@@ -108,8 +116,24 @@ impl VersionUpdates {
                     self.note_policy(&t.label, c.new.as_ref());
                     return;
                 }
-                if self.keeps_history(&t.label) {
+                if !self.keeps_history(&t.label) {
+                    return;
+                }
+                if !images::wants_image(c) {
+                    self.images.note(t.relid, c, frame);
                     self.queue(&c.txn, t.relid, &t.label, frame);
+                    return;
+                }
+                match self
+                    .images
+                    .image_for(t.relid, c)
+                    .map(|img| images::with_image(frame, img))
+                {
+                    Some(Ok(with)) => self.queue(&c.txn, t.relid, &t.label, &with),
+                    _ => {
+                        self.needs_image.push(self.history.len());
+                        self.queue(&c.txn, t.relid, &t.label, frame);
+                    }
                 }
             }
             Event::Truncate(t) => {
@@ -214,7 +238,8 @@ impl VersionUpdates {
         });
     }
 
-    /// Takes the queued history rows (and their metadata) for writing.
+    /// Takes the queued history rows (and their metadata) for writing;
+    /// `needs_image` then holds positions in the rows taken.
     pub fn take_history(&mut self) -> (Vec<HistoryRow>, Vec<(u64, String)>) {
         self.history_bytes = 0;
         (std::mem::take(&mut self.history), std::mem::take(&mut self.metadata))
@@ -229,6 +254,9 @@ impl VersionUpdates {
         self.labels.is_empty() && self.rows.is_empty() && self.floors.is_empty() && self.history.is_empty()
     }
 }
+
+/// A row's version: ((label, identifier), version).
+pub type RowVersion = ((String, String), Version);
 
 /// Versions applied to shared memory but not yet written to the version
 /// tables: the relay worker writes them at a version checkpoint instead of
@@ -248,7 +276,7 @@ impl Unsaved {
     /// with identifiers too long to be kept whole in shared memory are not
     /// kept here: they are returned, to be written at once (readers list
     /// them by name from the table).
-    pub fn add(&mut self, u: &VersionUpdates) -> Vec<((String, String), Version)> {
+    pub fn add(&mut self, u: &VersionUpdates) -> Vec<RowVersion> {
         for (label, v) in &u.labels {
             raise(&mut self.labels, label.clone(), *v);
         }
@@ -305,7 +333,7 @@ impl Unsaved {
     }
 
     /// The row versions of a version log entry, in the order packed.
-    pub fn unpack_rows(bytes: &[u8]) -> Result<Vec<((String, String), Version)>, String> {
+    pub fn unpack_rows(bytes: &[u8]) -> Result<Vec<RowVersion>, String> {
         let raw = pack::unpack(bytes).map_err(|e| format!("a damaged version log entry: {e}"))?;
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         let mut out = Vec::new();

@@ -13,6 +13,7 @@ pub mod cursor;
 pub mod event;
 pub mod filter;
 pub mod history;
+pub mod images;
 pub mod json;
 pub mod lsn;
 pub mod metadata;

@@ -23,6 +23,7 @@ mod checkpoint;
 mod decoder;
 mod endpoint;
 mod frames;
+mod images;
 mod persist;
 mod settings;
 

@@ -20,6 +20,7 @@
 
 use super::checkpoint::{self, Saved, VersionLog};
 use super::frames::{FrameBuffer, Span};
+use super::images;
 use crate::txn::try_transaction;
 use changerelay_core::apply::{Unsaved, VersionUpdates};
 use changerelay_core::binary;
@@ -471,9 +472,24 @@ impl Output {
     /// chunks, writes the metadata of their transactions, and writes the
     /// packed chunks once they are many.
     fn take(&mut self, st: &Statements, updates: &mut VersionUpdates) -> Result<(), String> {
-        let (mut rows, metadata) = updates.take_history();
-        rows.retain(|r| r.event_id as i64 > self.applied);
+        let (rows, metadata) = updates.take_history();
+        let mut wanted = vec![false; rows.len()];
+        for i in std::mem::take(&mut updates.needs_image) {
+            if let Some(w) = wanted.get_mut(i) {
+                *w = true;
+            }
+        }
+        let (mut rows, wanted): (Vec<HistoryRow>, Vec<bool>) = rows
+            .into_iter()
+            .zip(wanted)
+            .filter(|(r, _)| r.event_id as i64 > self.applied)
+            .unzip();
         fail_if_asked(&rows)?;
+        if wanted.contains(&true) {
+            // Earlier chunks of this batch go first, so the lookup sees them.
+            self.finish(st)?;
+            images::fill(&mut rows, &wanted)?;
+        }
         for row in &rows {
             self.batch.get_or_insert(row.event_id);
             let key = (row.relid, row.label.clone());

@@ -427,3 +427,32 @@ def test_a_label_tracked_for_versions_only_has_no_history(db):
     db.execute(f"INSERT INTO {table} VALUES (3, 'd')")
     rows = wait_until(lambda: changes(db, start, [label]), what="history after tracking with history")
     assert [(r[3], r[4]) for r in rows] == [("insert", "3")]
+
+
+def test_deletes_carry_the_last_image_of_their_row_so_filters_see_them(db):
+    """REPLICA IDENTITY DEFAULT logs only the key of a deleted row; its history gets the row as last written
+    (from the same batch or from stored history), so a tenant filter sees the tenant's deletes."""
+    table, label = fresh(db)
+    start = db.execute("SELECT changerelay.current_cursor()").fetchone()[0]
+    db.execute(f"INSERT INTO {table} VALUES (1, 't1', 'a'), (2, 't2', 'b'), (3, 't2', 'c')")
+    db.execute(f"UPDATE {table} SET v = 'bb' WHERE id = 2")
+    caught_up(db, label, 4, start)                      # written and applied: stored history from here on
+    db.execute(f"DELETE FROM {table} WHERE id = 2")
+    db.execute(f"BEGIN; INSERT INTO {table} VALUES (4, 't2', 'd'); DELETE FROM {table} WHERE id = 4; COMMIT")
+    rows = caught_up(db, label, 7, start)
+    deletes = [r for r in rows if r[3] == "delete"]
+    assert [(r[4], r[5], r[7]) for r in deletes] == [
+        ("2", {"id": 2}, {"id": 2, "tenant": "t2", "v": "bb"}),
+        ("4", {"id": 4}, {"id": 4, "tenant": "t2", "v": "d"})]
+    t2 = changes(db, start, [label], filter={"tenant": "t2"})
+    assert [(r[3], r[4]) for r in t2] == [("insert", "2"), ("insert", "3"), ("update", "2"), ("delete", "2"),
+                                          ("insert", "4"), ("delete", "4")]
+    # A row written before its table was tracked has no image: the delete keeps its key only.
+    other = "h_" + uuid.uuid4().hex[:10]
+    db.execute(f"CREATE TABLE {other} (id int PRIMARY KEY, tenant text)")
+    db.execute(f"INSERT INTO {other} VALUES (1, 't2')")
+    lo = "hl_" + uuid.uuid4().hex[:8]
+    db.execute("SELECT changerelay.track(%s, %s)", (other, lo))
+    db.execute(f"DELETE FROM {other} WHERE id = 1")
+    (row,) = caught_up(db, lo, 1, start)
+    assert (row[3], row[5], row[7]) == ("delete", {"id": 1}, None)

@@ -255,3 +255,36 @@ def ws_session(b, label, token, subscribers, procs, changes, write):
         p.join(60)
     out["client_cpu_s"] = children_cpu_seconds() - cpu0
     return written, out
+
+
+# --- the Rust fan-out client (bench/fanout) ---------------------------------------------------------------------
+
+FANOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "target", "bench", "release",
+                      "changerelay-fanout")
+
+
+def build_fanout_client():
+    """Builds bench/fanout (release) on the host once per run."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "changerelay-fanout"], check=True, cwd=root,
+                   env={**os.environ, "CARGO_TARGET_DIR": os.path.join(root, "target", "bench")})
+
+
+def rust_ws_session(b, label, token, subscribers, write, threads=2):
+    """Like ws_session, with the Rust client: `subscribers` WebSocket subscriptions (changes: true) in one
+    process of `threads` threads; write() once all are subscribed."""
+    import json
+    cpu0 = children_cpu_seconds()
+    p = subprocess.Popen([FANOUT, str(b.ws_port), token, label, str(subscribers), str(threads)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if not line.startswith("ready"):
+        p.kill()
+        raise RuntimeError(f"the fan-out client did not get ready: {line!r}")
+    written = write()
+    p.stdin.close()
+    out = json.loads(p.stdout.read().strip().splitlines()[-1])
+    p.wait(120)
+    out["client_cpu_s"] = children_cpu_seconds() - cpu0
+    out["arrivals"] = [tuple(a) for a in out["arrivals"]]
+    return written, out

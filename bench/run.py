@@ -32,7 +32,7 @@ import wl_throughput  # noqa: E402
 PG = os.environ.get("PG", "15")
 PGTOOL = os.path.join(ROOT, "scripts", "pgtool.sh")
 DATA_DIR = os.path.join(ROOT, "target", f"pg{PG}", "bench-cluster")
-EXTRA_CONF = "changerelay.max_clients = 4096\nmax_connections = 200"
+EXTRA_CONF = "changerelay.max_clients = 4096\nchangerelay.max_connections_per_address = 4096\nmax_connections = 200"
 WORKLOADS = [("decoding", wl_decode), ("throughput", wl_throughput), ("latency", wl_latency),
              ("overhead", wl_overhead), ("fanout", wl_fanout), ("memory", wl_memory)]
 

@@ -1,8 +1,8 @@
 """Fan-out through the endpoint, and version() reads.
 
-* N WebSocket subscribers (changes: true) of one label, in bench/ws_fanout.py's client processes (2 processes
-  from 100 up), while a writer commits single-row UPDATEs at min(1000, 200000 / N) commits/s, so that 1,000
-  subscribers are offered 200,000 messages/s. Messages/s delivered (counted by the clients, and sent according to
+* N WebSocket subscribers (changes: true) of one label, in the Rust client bench/fanout (one process, two
+  threads), while a writer commits single-row UPDATEs at min(1000, OFFERED / N) commits/s, so that 1,000
+  subscribers are offered OFFERED (600,000) messages/s. Messages/s delivered (counted by the clients, and sent according to
   the endpoint's /metrics), latency from COMMIT to arrival (sampled on up to 50 subscribers), the CPU of the
   relay worker (endpoint threads included) and of the client processes, the worker's RSS before and during.
 * `SELECT changerelay.version(label, id)` against `SELECT n FROM t WHERE id = ...` with pgbench.
@@ -15,6 +15,7 @@ import urllib.request
 import common
 
 LABEL, TABLE = "fan", "fan_tracked"
+OFFERED = 600_000
 
 
 def messages_sent(b):
@@ -23,7 +24,7 @@ def messages_sent(b):
 
 
 def fan_out(b, token, subscribers, seconds):
-    rate = min(1000, 200_000 // subscribers)
+    rate = min(1000, OFFERED // subscribers)
     pid = common.worker_pid(b)
     rss_before = common.rss_kb(pid)
     box = {}
@@ -44,8 +45,8 @@ def fan_out(b, token, subscribers, seconds):
         box["rss_during"] = max(rss_samples + [box["rss_connected"]])
         return committed, achieved
 
-    procs = 1 if subscribers < 100 else 2
-    (committed, achieved), seen = common.ws_session(b, LABEL, token, subscribers, procs, True, write)
+    procs = 1
+    (committed, achieved), seen = common.rust_ws_session(b, LABEL, token, subscribers, write)
     window = max(seen["last"] - box["t0"], 0.001)  # first commit to the last message delivered
     worker_cpu = common.cpu_seconds(pid) - box["cpu0"]
     sent = messages_sent(b) - box["sent0"]
@@ -79,6 +80,7 @@ def run(b):
         common.make_table(c, TABLE, 8)
         common.track(c, TABLE, LABEL)
     token = common.make_token(b, LABEL)
+    common.build_fanout_client()
     runs = []
     for n in counts:
         common.wait_worker_idle(b)

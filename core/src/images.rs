@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 /// Bytes of frames [`Images`] keeps; past it, it starts again empty (the
 /// stored history still has them).
-const MAX_BYTES: usize = 32 << 20;
+const MAX_BYTES: usize = 4 << 20;
 
 /// Whether a change is a delete that carries no old row (only its key).
 pub fn wants_image(c: &Change<'_>) -> bool {

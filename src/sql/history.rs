@@ -358,6 +358,14 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
                 }
             }
             if last_page {
+                // Whatever the last chunk left held (it may have ended a
+                // full page that was followed by nothing) is ready now.
+                let mut views = Vec::new();
+                while views.len() + out.len() < want {
+                    let Some(row) = merge.pop_before(None) else { break };
+                    views.push(view_or_marker(&row));
+                }
+                emit(req, views, &mut out, &mut bytes, want)?;
                 return Ok(());
             }
         }

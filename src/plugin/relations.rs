@@ -26,6 +26,8 @@ pub enum Kind {
     Numeric,
     Json,
     Array,
+    /// text, varchar, char(n): the value's own bytes are its text output.
+    Varlena,
     Text,
 }
 
@@ -81,9 +83,39 @@ impl RelInfo {
     }
 }
 
+/// Hashes relation OIDs for the cache looked up with every change: a
+/// multiply-shift of the 32-bit OID, cheaper than the default SipHash (no
+/// untrusted keys reach this map).
+#[derive(Default, Clone, Copy)]
+pub struct BuildOidHasher;
+
+#[derive(Default)]
+pub struct OidHasher(u64);
+
+impl std::hash::BuildHasher for BuildOidHasher {
+    type Hasher = OidHasher;
+    fn build_hasher(&self) -> OidHasher {
+        OidHasher(0)
+    }
+}
+
+impl std::hash::Hasher for OidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 pub struct RelationCache {
     parent: pg_sys::MemoryContext,
-    map: HashMap<pg_sys::Oid, RelInfo>,
+    map: HashMap<pg_sys::Oid, RelInfo, BuildOidHasher>,
     /// Present with the `tracked` option.
     tracked: Option<TrackedSet>,
 }
@@ -96,7 +128,7 @@ impl RelationCache {
     pub fn new(parent: pg_sys::MemoryContext, tracked: bool) -> Self {
         RelationCache {
             parent,
-            map: HashMap::new(),
+            map: HashMap::default(),
             tracked: tracked.then(TrackedSet::new),
         }
     }
@@ -350,6 +382,7 @@ unsafe fn output_function(typid: pg_sys::Oid, cxt: pg_sys::MemoryContext) -> (Bo
         pg_sys::FLOAT8OID => Kind::Float8,
         pg_sys::NUMERICOID => Kind::Numeric,
         pg_sys::JSONOID | pg_sys::JSONBOID => Kind::Json,
+        pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Kind::Varlena,
         // SAFETY: as above.
         _ if unsafe { pg_sys::get_element_type(base) } != pg_sys::InvalidOid => Kind::Array,
         _ => Kind::Text,

@@ -173,7 +173,9 @@ unsafe fn scalar_value<'a>(kind: Kind, datum: pg_sys::Datum, out: &pg_sys::FmgrI
         // SAFETY: forwarded from the caller.
         Kind::Json => Scalar::Json(unsafe { output_text(out, datum, utf8) }),
         // SAFETY: forwarded from the caller.
-        Kind::Array | Kind::Text => Scalar::Text(unsafe { output_text(out, datum, utf8) }),
+        Kind::Varlena if utf8 => Scalar::Text(unsafe { varlena_text(datum) }),
+        // SAFETY: forwarded from the caller.
+        Kind::Array | Kind::Text | Kind::Varlena => Scalar::Text(unsafe { output_text(out, datum, utf8) }),
     }
 }
 
@@ -213,6 +215,27 @@ unsafe fn array_value<'a>(datum: pg_sys::Datum, elem: &ElemInfo, utf8: bool) -> 
             }
         }
         Value::Array { dims, elems }
+    }
+}
+
+/// The text of a text, varchar or char(n) value in a UTF-8 database: its
+/// bytes as stored, which is what its output function returns, without
+/// calling it (no copy, no call).
+///
+/// # Safety
+/// `datum` must be a non-null value of such a type, alive for `'a`.
+unsafe fn varlena_text<'a>(datum: pg_sys::Datum) -> Cow<'a, str> {
+    // SAFETY: detoasting a valid varlena yields a varlena (the datum itself
+    // when it is plain, or a copy in the current per-change context) whose
+    // header gives the length of its data.
+    let bytes: &'a [u8] = unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(v);
+        std::slice::from_raw_parts(pgrx::varlena::vardata_any(v).cast::<u8>(), len)
+    };
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(String::from_utf8_lossy(bytes).into_owned()),
     }
 }
 

@@ -228,7 +228,7 @@ def chart(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     w = res["workloads"]
-    fig, ax = plt.subplots(2, 2, figsize=(13, 9))
+    fig, ax = plt.subplots(3, 2, figsize=(13, 13))
     fig.suptitle(f"pg_changerelay benchmarks ({res['mode']}, {res['library']['build']} build, "
                  f"{res['machine']['git_commit'][:10]})")
     a = ax[0][0]
@@ -269,6 +269,19 @@ def chart(res, path):
     a.set_yscale("log")
     a.set_title("Fan-out, messages/s")
     legend(a)
+    tpcb = w.get("throughput", {}).get("tpcb", {}).get("runs", [])
+    a = ax[2][0]
+    names = [r["config"] for r in tpcb]
+    a.bar([i - 0.2 for i in range(len(tpcb))], [r["wal_per_txn_median"] for r in tpcb], 0.4, label="WAL bytes/txn")
+    a2 = a.twinx()
+    a2.bar([i + 0.2 for i in range(len(tpcb))], [r["tps"] for r in tpcb], 0.4, color="tab:orange", label="TPS")
+    a.set_xticks(range(len(tpcb)), names)
+    a.set_title("pgbench TPC-B-like, 8 clients, four tables: WAL bytes/txn (blue), TPS (orange)")
+    a = ax[2][1]
+    mixed = w.get("decoding", {}).get("mixed", {}).get("results", [])
+    a.barh([r["plugin"] for r in mixed], [r["rows_per_second"] for r in mixed], color="tab:green")
+    a.invert_yaxis()
+    a.set_title("Decoding a mixed-type table (rows/s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,6 +17,7 @@ pub mod lsn;
 pub mod metadata;
 pub mod options;
 pub mod tables;
+pub mod thread;
 pub mod time;
 pub mod versions;
 

@@ -10,6 +10,7 @@
 //! | `changerelay.poll_interval` | 1000 ms | sighup |
 //! | `changerelay.batch_changes` | 10000 | sighup |
 //! | `changerelay.history_retention` | 24h | sighup |
+//! | `changerelay.max_consumer_lag` | 7d | sighup |
 //! | `changerelay.max_value_size` | 16MB | sighup |
 //! | `changerelay.decoding_work_mem` | 32MB | sighup |
 //! | `changerelay.request_timeout` | 2s | sighup |
@@ -38,6 +39,7 @@ pub static MAX_LABELS: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10000);
 pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86400);
+pub static MAX_CONSUMER_LAG_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86400);
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static DECODING_WORK_MEM_KB: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
@@ -106,6 +108,16 @@ pub fn define(preloading: bool) {
         c"How long the relay worker keeps change history.",
         c"Older history is pruned; cursors older than this raise an error telling clients to reload and continue from current_cursor().",
         &HISTORY_RETENTION_S,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"changerelay.max_consumer_lag",
+        c"How far behind durable consumers and sinks may keep history beyond changerelay.history_retention.",
+        c"History a consumer or sink has not acknowledged or delivered is kept up to this age; older history is pruned all the same and the consumer or sink is marked lagging (a WARNING, status(), consumers(), sinks()).",
+        &MAX_CONSUMER_LAG_S,
         1,
         i32::MAX,
         GucContext::Sighup,
@@ -354,6 +366,10 @@ pub fn batch_changes() -> i32 {
 
 pub fn history_retention() -> std::time::Duration {
     std::time::Duration::from_secs(HISTORY_RETENTION_S.get().max(1) as u64)
+}
+
+pub fn max_consumer_lag() -> std::time::Duration {
+    std::time::Duration::from_secs(MAX_CONSUMER_LAG_S.get().max(1) as u64)
 }
 
 /// The label whose history the worker must fail to write (debug builds

@@ -90,6 +90,10 @@ pub struct WorkerStatus {
     pub apply_retries: AtomicU64,
     /// Times the endpoint thread ended and was started again.
     pub endpoint_restarts: AtomicU64,
+    /// Bumped when a transaction that changed `changerelay.sinks` commits.
+    pub sinks_generation: AtomicU64,
+    /// Times the sinks thread ended and was started again.
+    pub sinks_restarts: AtomicU64,
 }
 
 #[repr(C)]
@@ -264,11 +268,19 @@ pub fn broadcast() {
 
 /// This backend's transaction changed the tokens (backend-local).
 static TOKENS_CHANGED: AtomicBool = AtomicBool::new(false);
+/// Set by the trigger on `changerelay.sinks` in this backend's transaction.
+static SINKS_CHANGED: AtomicBool = AtomicBool::new(false);
 
 /// Marks the current transaction as changing the tokens: at commit the
 /// token generation moves and the worker is woken to reload them.
 pub fn tokens_changed_at_commit() {
     TOKENS_CHANGED.store(true, Ordering::Relaxed);
+}
+
+/// Marks the current transaction as changing the sinks: at commit the
+/// sinks generation moves and the worker is woken to reload them.
+pub fn sinks_changed_at_commit() {
+    SINKS_CHANGED.store(true, Ordering::Relaxed);
 }
 
 /// Wakes the relay worker if this backend's transaction wrote to the
@@ -277,6 +289,7 @@ pub fn tokens_changed_at_commit() {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT {
         TOKENS_CHANGED.store(false, Ordering::Relaxed);
+        SINKS_CHANGED.store(false, Ordering::Relaxed);
         return;
     }
     if event != pg_sys::XactEvent::XACT_EVENT_COMMIT && event != pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT {
@@ -285,6 +298,9 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     let Some(shared) = shared() else { return };
     if TOKENS_CHANGED.swap(false, Ordering::Relaxed) {
         shared.status.tokens_generation.fetch_add(1, Ordering::AcqRel);
+    }
+    if SINKS_CHANGED.swap(false, Ordering::Relaxed) {
+        shared.status.sinks_generation.fetch_add(1, Ordering::AcqRel);
     }
     // SAFETY: reading backend-local globals and setting a latch in shared
     // memory; SetLatch never raises an error.

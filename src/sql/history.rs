@@ -89,7 +89,7 @@ GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.h
 );
 
 /// Checks `labels` exist and that the caller may read every table of each.
-fn check_labels(labels: &[String]) {
+pub(crate) fn check_labels(labels: &[String]) {
     for label in labels {
         if !crate::sql::label_known(label) {
             crate::sql::unknown_label(label);
@@ -98,7 +98,7 @@ fn check_labels(labels: &[String]) {
     }
 }
 
-fn parse_filter(filter: Option<&JsonB>) -> Option<Filter> {
+pub(crate) fn parse_filter(filter: Option<&JsonB>) -> Option<Filter> {
     let value = &filter?.0;
     match Filter::parse(value) {
         Ok(f) => Some(f),
@@ -123,6 +123,8 @@ pub struct Request {
     /// Stop once the rows read hold this many bytes of frames (at least one
     /// row is always returned).
     pub max_bytes: usize,
+    /// Read no row after this position (a consumer's lease).
+    pub upto: Option<(u64, u32)>,
 }
 
 fn request(
@@ -164,6 +166,7 @@ fn request(
         max_events,
         filter,
         max_bytes: usize::MAX,
+        upto: None,
     }
 }
 
@@ -193,11 +196,22 @@ const FILTERED_PAGE: i64 = 1000;
 /// a fresh snapshot (so a waiting `watch()` sees what the worker committed
 /// since). Filters are applied to the decoded rows, page by page.
 pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
+    read_page(req).map(|(rows, _)| rows)
+}
+
+/// [`read_rows`], and the position the read covers: the last row returned
+/// when it stopped at `max_events` or `max_bytes`, otherwise the last row it
+/// looked at (rows after it that the filter or privileges left out count as
+/// read). Rows become visible in history order, so nothing can appear at or
+/// before that position later.
+pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, (u64, u32)), String> {
     const SQL: &str = "SELECT h.event_id, h.pos, h.ts, h.relid, h.label, h.change, m.metadata::pg_catalog.text
            FROM changerelay.history h
            LEFT JOIN changerelay.history_metadata m ON m.event_id = h.event_id
           WHERE (h.event_id, h.pos) > ($1, $2) AND ($3::pg_catalog.text[] IS NULL OR h.label = ANY ($3))
+            AND (h.event_id, h.pos) <= ($5, $6)
           ORDER BY h.event_id, h.pos LIMIT $4";
+    let upto = req.upto.unwrap_or((i64::MAX as u64, i32::MAX as u32));
     let want = req.max_events.max(1) as usize;
     let page = if req.filter.is_some() {
         FILTERED_PAGE.max(want as i64)
@@ -216,6 +230,8 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
                 (at.1 as i64).into(),
                 req.labels.clone().into(),
                 page.into(),
+                (upto.0.min(i64::MAX as u64) as i64).into(),
+                (upto.1.min(i32::MAX as u32) as i32).into(),
             ];
             let mut views = crate::sql::select_all(SQL, &args, |r| {
                 let row = HistoryRow {
@@ -241,8 +257,10 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
                     continue;
                 }
                 bytes += text_bytes(&view);
+                let position = (view.event_id, view.pos);
                 out.push(view);
                 if out.len() >= want || bytes >= req.max_bytes {
+                    at = position;
                     return Ok(());
                 }
             }
@@ -259,7 +277,7 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
     // turns that into the documented error.
     not_expired(&req.after).map_err(|p| p.message())?;
     read.map_err(|e| format!("could not read history: {e}"))?;
-    Ok(out)
+    Ok((out, at))
 }
 
 /// The row as readers see it; a frame that can not be decoded (damaged
@@ -300,7 +318,7 @@ fn fetch(req: &Request) -> Vec<ChangeTuple> {
 }
 
 /// One row of `changes()`/`watch()`.
-type ChangeTuple = (
+pub(crate) type ChangeTuple = (
     String,
     i64,
     i32,
@@ -316,7 +334,7 @@ type ChangeTuple = (
     Option<JsonbText>,
 );
 
-fn tuple(v: ChangeView) -> ChangeTuple {
+pub(crate) fn tuple(v: ChangeView) -> ChangeTuple {
     let cursor = cursor_after(&v).encode();
     (
         cursor,
@@ -367,7 +385,7 @@ fn changes(
     TableIterator::new(fetch(&req))
 }
 
-fn interval_ms(i: &Interval) -> i64 {
+pub(crate) fn interval_ms(i: &Interval) -> i64 {
     let days = i64::from(i.months()) * 30 + i64::from(i.days());
     days.saturating_mul(86_400_000).saturating_add(i.micros() / 1000)
 }

@@ -1,10 +1,12 @@
 //! SQL functions in schema `changerelay`.
 
 pub mod access;
+pub mod consumers;
 pub mod cursors;
 pub mod history;
-mod jsonb;
+pub mod jsonb;
 pub mod metadata;
+pub mod sinks;
 pub mod tokens;
 mod tracking;
 mod upgrade;

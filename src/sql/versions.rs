@@ -277,7 +277,31 @@ fn status() -> JsonB {
     })
     .unwrap_or((0, 0, 0));
     let last_ts = st.last_commit_ts.load(Ordering::Acquire);
+    // Names only (no filters, no URLs): whoever may call status() may see them.
+    let (consumers, sinks) = crate::sql::access::as_role(crate::sql::access::extension_owner(), || {
+        let q = |sql: &str| {
+            crate::sql::select_one::<JsonB>(sql, &[])
+                .ok()
+                .flatten()
+                .map_or(Value::Null, |j| j.0)
+        };
+        (
+            q("SELECT pg_catalog.json_build_object('count', count(*),
+                      'lagging', coalesce(pg_catalog.jsonb_agg(name ORDER BY name) FILTER (WHERE lagging_since IS NOT NULL), '[]'))::jsonb
+                 FROM changerelay.consumers"),
+            q("SELECT pg_catalog.json_build_object('count', count(*),
+                      'lagging', coalesce(pg_catalog.jsonb_agg(name ORDER BY name) FILTER (WHERE lagging_since IS NOT NULL), '[]'),
+                      'not_streaming', coalesce(pg_catalog.jsonb_agg(name ORDER BY name) FILTER (WHERE state <> 'streaming'), '[]'))::jsonb
+                 FROM changerelay.sinks"),
+        )
+    });
+    let mut sinks = sinks;
+    if let Some(o) = sinks.as_object_mut() {
+        o.insert("thread_restarts".into(), Value::from(st.sinks_restarts.load(Ordering::Relaxed)));
+    }
     JsonB(json!({
+        "consumers": consumers,
+        "sinks": sinks,
         "enabled": crate::gucs::enabled(),
         "worker": {
             "pid": if pid > 0 { Value::from(pid) } else { Value::Null },

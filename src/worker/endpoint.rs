@@ -462,6 +462,7 @@ fn read_history(
         max_events: max as i32,
         filter,
         max_bytes: max_bytes.max(1) as usize,
+        upto: None,
     };
     let rows = history::read_rows(&req).map_err(|e| internal(&e))?;
     let bytes: usize = rows.iter().map(history::text_bytes).sum();
@@ -476,7 +477,7 @@ fn read_history(
 }
 
 /// The endpoint's shape of a history row.
-fn change_row(v: ChangeView, system_id: u64, timeline: u32) -> ep::ChangeRow {
+pub(super) fn change_row(v: ChangeView, system_id: u64, timeline: u32) -> ep::ChangeRow {
     ep::ChangeRow {
         cursor: Cursor {
             system_id,

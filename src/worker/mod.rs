@@ -23,7 +23,10 @@ mod decoder;
 mod endpoint;
 mod frames;
 mod persist;
+mod prune;
 mod settings;
+mod sinks;
+mod wake;
 
 use decoder::Decoder;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
@@ -101,20 +104,25 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         installed: false,
         last_prune: None,
         link: endpoint::start(),
+        sinks: sinks::start(),
         persister: persist::Persister::default(),
         waiting_for_update: None,
         endpoint_retry: None,
+        sinks_retry: None,
+        wake: wake::WakeSet::default(),
     };
     let mut sleep = Duration::ZERO;
-    while wait(sleep, relay.link.as_ref().map(endpoint::Link::wake_fd)) {
+    while wait(sleep, relay.wake_fd()) {
         reload_if_asked();
         sleep = relay.step();
         relay.serve_endpoint();
+        relay.serve_sinks();
     }
     log!("pg_changerelay relay stopping");
     if let Some(link) = relay.link.take() {
         link.shutdown();
     }
+    drop(relay.sinks.take());
     // Exit code 1: the postmaster restarts the worker after RESTART_DELAY,
     // so pg_terminate_backend() restarts it rather than removing it for
     // good (exit code 0 would); at shutdown nothing is restarted anyway.
@@ -152,12 +160,16 @@ struct Relay {
     installed: bool,
     last_prune: Option<std::time::Instant>,
     link: Option<endpoint::Link>,
+    sinks: Option<sinks::Link>,
     persister: persist::Persister,
     /// The older extension version found installed, once warned about.
     waiting_for_update: Option<String>,
     /// When to start the endpoint again after its thread ended, and the wait
     /// after that.
     endpoint_retry: Option<(std::time::Instant, Duration)>,
+    /// The same for the sinks thread.
+    sinks_retry: Option<(std::time::Instant, Duration)>,
+    wake: wake::WakeSet,
 }
 
 impl Relay {
@@ -346,6 +358,9 @@ impl Relay {
             s.status.batches.fetch_add(1, Ordering::Relaxed);
             s.status.changes.fetch_add(updates.changes, Ordering::Relaxed);
         }
+        if let Some(sinks) = self.sinks.as_mut() {
+            sinks.publish(applied.fresh.as_ref(), updates.last_commit.map(|c| c.event_id));
+        }
         if changed || updates.last_commit.is_some() {
             shmem::broadcast();
             if let Some(link) = self.link.as_mut() {
@@ -422,42 +437,56 @@ impl Relay {
         };
     }
 
-    /// Prunes history older than `changerelay.history_retention`, at most
-    /// every tenth of the retention (between 1 s and 1 min). Writes (and so
-    /// takes a transaction id) only when there is something to prune.
-    fn maybe_prune(&mut self) {
-        let retention = gucs::history_retention();
-        let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        if self.last_prune.is_some_and(|t| t.elapsed() < every) {
+    /// Lets the sinks link do its turn; when the sinks thread has ended (a
+    /// panic), starts it again after 1 s and then up to 30 s between
+    /// attempts. The sinks resume from what their brokers hold.
+    fn serve_sinks(&mut self) {
+        let installed = self.installed;
+        if let Some(link) = self.sinks.as_mut() {
+            if link.tick(installed) {
+                return;
+            }
+            warning!("pg_changerelay relay: the sinks thread has ended; starting it again in 1 s");
+            if let Some(s) = shmem::shared() {
+                s.status.sinks_restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            self.sinks = None;
+            self.sinks_retry = Some((
+                std::time::Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
+            ));
             return;
         }
-        self.last_prune = Some(std::time::Instant::now());
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let cutoff = now_ms - retention.as_millis() as i64;
-        let cut = BackgroundWorker::transaction(move || {
-            select_one::<i64>(
-                "SELECT max(event_id) FROM changerelay.history WHERE ts < $1",
-                &[cutoff.into()],
-            )
-        });
-        let Ok(Some(cut)) = cut else { return };
-        let done = BackgroundWorker::transaction(move || {
-            Spi::run_with_args("DELETE FROM changerelay.history WHERE event_id <= $1", &[cut.into()])?;
-            Spi::run_with_args(
-                "DELETE FROM changerelay.history_metadata WHERE event_id <= $1",
-                &[cut.into()],
-            )?;
-            Spi::run_with_args(
-                "UPDATE changerelay.history_horizon SET event_id = greatest(event_id, $1)",
-                &[cut.into()],
-            )
-        });
-        if let Err(e) = done {
-            error!("pg_changerelay relay: could not prune history: {e}");
+        let (at, wait) = self
+            .sinks_retry
+            .unwrap_or((std::time::Instant::now(), Duration::from_secs(1)));
+        if std::time::Instant::now() < at {
+            return;
         }
+        self.sinks = sinks::start();
+        self.sinks_retry = match self.sinks {
+            Some(_) => None,
+            None => {
+                let next = (wait * 2).min(Duration::from_secs(30));
+                Some((std::time::Instant::now() + next, next))
+            }
+        };
+    }
+
+    /// The descriptor to wait on for the threads' wake sockets.
+    fn wake_fd(&mut self) -> Option<std::os::fd::RawFd> {
+        let fds: Vec<std::os::fd::RawFd> = self
+            .link
+            .as_ref()
+            .map(endpoint::Link::wake_fd)
+            .into_iter()
+            .chain(self.sinks.as_ref().map(sinks::Link::wake_fd))
+            .collect();
+        self.wake.fd(&fds)
+    }
+
+    fn maybe_prune(&mut self) {
+        prune::maybe_prune(&mut self.last_prune);
     }
 }
 

@@ -97,7 +97,14 @@ fn spi<T>(r: Result<T, pgrx::spi::Error>) -> T {
 /// in commit order per label, into the broker at `url` (`kind` `redis` or
 /// `nats`; `options` in the README).
 #[pg_extern(volatile)]
-fn create_sink(name: &str, kind: &str, url: &str, labels: Vec<String>, options: default!(JsonB, "'{}'")) {
+fn create_sink(
+    name: &str,
+    kind: &str,
+    url: &str,
+    labels: Vec<String>,
+    options: default!(Option<JsonB>, "'{}'"),
+) {
+    let options = options.unwrap_or_else(|| JsonB(serde_json::json!({})));
     require_preloaded();
     require_admin("sinks");
     check_name("sink name", name);

@@ -108,7 +108,7 @@ lint:
 	$(HOST_CARGO) clippy --workspace --all-targets -- -D warnings
 
 test-unit:
-	$(HOST_CARGO) test -p changerelay-core -p changerelay-endpoint
+	$(HOST_CARGO) test -p changerelay-core -p changerelay-endpoint -p changerelay-sinks
 
 test-pg:
 	@$(IN_ROOT) sh -c 'rm -rf "$$0" && install -d -o postgres -g postgres "$$0"' $(PGRX_DATA)

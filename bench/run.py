@@ -26,6 +26,7 @@ import wl_fanout  # noqa: E402
 import wl_latency  # noqa: E402
 import wl_memory  # noqa: E402
 import wl_overhead  # noqa: E402
+import wl_sinks  # noqa: E402
 
 # The major (PG=15|17|18, as for every make target); 17 and 18 run inside their roots (scripts/root.sh).
 PG = os.environ.get("PG", "15")
@@ -33,7 +34,7 @@ PGTOOL = os.path.join(ROOT, "scripts", "pgtool.sh")
 DATA_DIR = os.path.join(ROOT, "target", f"pg{PG}", "bench-cluster")
 EXTRA_CONF = "changerelay.max_clients = 4096\nmax_connections = 200"
 WORKLOADS = [("decoding", wl_decode), ("latency", wl_latency), ("overhead", wl_overhead),
-             ("fanout", wl_fanout), ("memory", wl_memory)]
+             ("fanout", wl_fanout), ("memory", wl_memory), ("sinks", wl_sinks)]
 
 
 def sh(*cmd, **kw):

@@ -11,14 +11,16 @@ import time
 import nats
 import redis
 
-from conftest import PORT, WORK
+# Offsets from the cluster's port (PGCR_PORT): 15 -> 5748.., 17 -> 5950.., 18 -> 6050..; clear of every major's
+# clusters and endpoints. The bench's brokers are at its own cluster's port + the same offsets.
+BROKER_OFFSETS = {"redis": 250, "nats": 251, "unused": 254}
 
-# Offsets from PGCR_PORT: 15 -> 5748.., 17 -> 5950.., 18 -> 6050..; clear of every major's clusters and endpoints.
-BROKER_OFFSETS = {"redis": 250, "nats": 251, "redis_spare": 252, "nats_spare": 253, "unused": 254}
 
-
-def broker_port(name):
-    return PORT + BROKER_OFFSETS[name]
+def broker_port(name, base=None):
+    if base is None:
+        from conftest import PORT
+        base = PORT
+    return base + BROKER_OFFSETS[name]
 
 
 def _wait(fn, timeout, what):
@@ -42,9 +44,12 @@ def _port_free(port):
 class Broker:
     """One broker process; `restart()` keeps its data directory."""
 
-    def __init__(self, name, port):
+    def __init__(self, name, port, work=None):
+        if work is None:
+            from conftest import WORK
+            work = WORK
         self.name, self.port = name, port
-        self.dir = os.path.join(WORK, f"broker-{name}-{port}")
+        self.dir = os.path.join(work, f"broker-{name}-{port}")
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
         self.proc = None
@@ -78,8 +83,8 @@ class Broker:
 
 
 class Redis(Broker):
-    def __init__(self, port):
-        super().__init__("redis", port)
+    def __init__(self, port, work=None):
+        super().__init__("redis", port, work)
 
     @property
     def url(self):
@@ -114,8 +119,8 @@ class Redis(Broker):
 
 
 class Nats(Broker):
-    def __init__(self, port):
-        super().__init__("nats", port)
+    def __init__(self, port, work=None):
+        super().__init__("nats", port, work)
 
     @property
     def url(self):

@@ -41,7 +41,7 @@ def throughput(b, broker, kind, rows):
         time.sleep(1.0)
         t0 = time.monotonic()
         for first in range(1, rows + 1, 100):
-            c.execute(f"INSERT INTO {label} SELECT g, 'value ' || g FROM generate_series(%s, %s) g",
+            c.execute(f"INSERT INTO {label} SELECT g, 'value ' || g FROM generate_series(%s::int, %s::int) g",
                       (first, min(rows, first + 99)))
         written = time.monotonic() - t0
         deadline = time.monotonic() + 600

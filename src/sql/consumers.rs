@@ -14,13 +14,16 @@
 //!
 //! Readers read as the consumer's creator (grants and row-level security
 //! apply) and must be members of that role. The tables are written as the
-//! extension's owner, through these functions only.
+//! extension's owner, through these functions only. Every statement here
+//! goes through SPI's writing path (`write_all`/`write_one`), which takes a
+//! new snapshot per statement: a read-only one would not see the writes made
+//! earlier in the same call.
 
 use crate::errors::raise;
 use crate::sql::access::{as_role, current_role, extension_owner};
 use crate::sql::history::{self, interval_ms, tuple, ChangeTuple, Request};
 use crate::sql::tokens::{check_name, require_admin};
-use crate::sql::{cursors, require_preloaded, select_all, select_one};
+use crate::sql::{cursors, require_preloaded, write_all, write_one};
 use changerelay_core::cursor::Cursor;
 use changerelay_core::filter::Filter;
 use pgrx::datum::Interval;
@@ -116,7 +119,7 @@ fn unknown(name: &str) -> ! {
 /// consumer take turns here) and checks the caller may use it.
 fn lock(name: &str) -> Consumer {
     let row = owned(|| {
-        spi(select_all(
+        spi(write_all(
             "SELECT labels, filter::text, event_id, pos, creator, lagging_since IS NOT NULL
                FROM changerelay.consumers WHERE name = $1 FOR UPDATE",
             &[name.into()],
@@ -138,7 +141,7 @@ fn lock(name: &str) -> Consumer {
     // SAFETY: reading the session's role.
     let superuser = unsafe { pg_sys::superuser() };
     let member = superuser
-        || spi(select_one::<bool>(
+        || spi(write_one::<bool>(
             "SELECT pg_catalog.pg_has_role($1, 'MEMBER')",
             &[creator.into()],
         ))
@@ -205,7 +208,7 @@ fn read(c: &Consumer, after: Position, upto: Option<Position>, max: i32) -> (Vec
 /// Moves the position over every acknowledged range that follows it.
 fn advance(c: &mut Consumer) {
     owned(|| loop {
-        let next = spi(select_all(
+        let next = spi(write_all(
             "DELETE FROM changerelay.consumer_leases
               WHERE consumer = $1 AND after_event = $2 AND after_pos = $3 AND lease IS NULL
           RETURNING upto_event, upto_pos",
@@ -227,7 +230,7 @@ fn advance(c: &mut Consumer) {
 /// acknowledged (`None`). Returns the lease id.
 fn record(c: &Consumer, after: Position, upto: Position, visibility_ms: Option<i64>) -> Option<i64> {
     owned(|| {
-        spi(select_one::<i64>(
+        spi(write_one::<i64>(
             "INSERT INTO changerelay.consumer_leases AS l (consumer, after_event, after_pos, upto_event, upto_pos, lease, expires_at)
              SELECT $1, $2, $3, $4, $5, CASE WHEN $6::int8 IS NULL THEN NULL ELSE pg_catalog.nextval('changerelay.consumer_lease_ids') END,
                     pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => $6::float8 / 1000)
@@ -262,7 +265,7 @@ fn create_consumer(name: &str, labels: Vec<String>, filter: default!(Option<Json
     history::check_labels(&labels);
     let filter_text = history::parse_filter(filter.as_ref()).and(filter.map(|f| f.0.to_string()));
     let exists = owned(|| {
-            spi(select_one::<bool>(
+            spi(write_one::<bool>(
                 "SELECT EXISTS (SELECT 1 FROM changerelay.consumers WHERE name = $1)",
                 &[name.into()],
             ))
@@ -300,7 +303,7 @@ fn drop_consumer(name: &str) {
     require_preloaded();
     require_admin("consumers");
     let gone = owned(|| {
-        spi(select_one::<String>(
+        spi(write_one::<String>(
             "DELETE FROM changerelay.consumers WHERE name = $1 RETURNING name",
             &[name.into()],
         ))
@@ -366,7 +369,7 @@ fn consume(
     };
     loop {
         let expired = owned(|| {
-            spi(select_all(
+            spi(write_all(
                 "SELECT after_event, after_pos, upto_event, upto_pos FROM changerelay.consumer_leases
                   WHERE consumer = $1 AND lease IS NOT NULL AND expires_at <= pg_catalog.clock_timestamp()
                   ORDER BY after_event, after_pos LIMIT 1",
@@ -386,7 +389,7 @@ fn consume(
             _ => upto,
         };
         let lease = owned(|| {
-            spi(select_one::<i64>(
+            spi(write_one::<i64>(
                 "UPDATE changerelay.consumer_leases
                     SET upto_event = $4, upto_pos = $5,
                         lease = CASE WHEN $7 THEN NULL ELSE pg_catalog.nextval('changerelay.consumer_lease_ids') END,
@@ -425,7 +428,7 @@ fn consume(
         }
     }
     let frontier = owned(|| {
-        spi(select_all(
+        spi(write_all(
             "SELECT upto_event, upto_pos FROM changerelay.consumer_leases WHERE consumer = $1
               ORDER BY upto_event DESC, upto_pos DESC LIMIT 1",
             &[name.into()],
@@ -463,7 +466,7 @@ fn ack(name: &str, cursor: &str, lease: default!(Option<i64>, "NULL")) {
     let mut c = lock(name);
     let at = cursors::check_cursor(cursor).position();
     let held = owned(|| {
-        spi(select_all(
+        spi(write_all(
             "SELECT after_event, after_pos, upto_event, upto_pos, lease, expires_at <= pg_catalog.clock_timestamp(),
                     expires_at::text
                FROM changerelay.consumer_leases
@@ -566,8 +569,9 @@ fn consumers() -> TableIterator<
     require_preloaded();
     let (system_id, timeline) = cursors::cluster();
     let head = cursors::current().event_id;
+    let caller = current_role();
     let rows = owned(|| {
-        spi(select_all(
+        spi(write_all(
             "SELECT c.name, c.labels, c.filter, c.event_id, c.pos,
                     (SELECT count(*) FROM changerelay.consumer_leases l WHERE l.consumer = c.name AND l.lease IS NOT NULL),
                     c.lagging_since IS NOT NULL, c.created_by::text, c.created_at
@@ -575,7 +579,7 @@ fn consumers() -> TableIterator<
               WHERE pg_catalog.pg_has_role($1, c.creator, 'MEMBER')
                  OR pg_catalog.pg_has_role($1, 'changerelay_admin', 'MEMBER')
               ORDER BY c.name",
-            &[current_role().into()],
+            &[caller.into()],
             |r| {
                 let e = r.get::<i64>(4)?.unwrap_or(0);
                 Ok((

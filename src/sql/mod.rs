@@ -56,6 +56,31 @@ pub fn select_all<T>(
     pgrx::Spi::connect(|client| client.select(sql, None, args)?.map(|row| f(&row)).collect())
 }
 
+/// Runs a statement that writes or locks (`UPDATE … RETURNING`, `FOR
+/// UPDATE`) and maps every row it returns with `f`.
+pub fn write_all<T>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+    mut f: impl FnMut(&pgrx::spi::SpiHeapTupleData<'_>) -> Result<T, pgrx::spi::Error>,
+) -> Result<Vec<T>, pgrx::spi::Error> {
+    pgrx::Spi::connect_mut(|client| client.update(sql, None, args)?.map(|row| f(&row)).collect())
+}
+
+/// [`write_all`]'s first column of its first row.
+pub fn write_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Result<Option<T>, pgrx::spi::Error> {
+    pgrx::Spi::connect_mut(|client| {
+        let table = client.update(sql, None, args)?;
+        if table.is_empty() {
+            Ok(None)
+        } else {
+            table.first().get::<T>(1)
+        }
+    })
+}
+
 /// Whether `label` is tracked now or has versions from before.
 pub fn label_known(label: &str) -> bool {
     select_one::<bool>(

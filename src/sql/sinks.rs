@@ -14,7 +14,7 @@
 use crate::errors::raise;
 use crate::sql::access::{as_role, current_role, extension_owner};
 use crate::sql::tokens::{check_name, require_admin};
-use crate::sql::{cursors, history, require_preloaded, select_all, select_one};
+use crate::sql::{cursors, history, require_preloaded, select_all, select_one, write_one};
 use changerelay_core::cursor::Cursor;
 use changerelay_sinks::Target;
 use pgrx::datum::TimestampWithTimeZone;
@@ -182,7 +182,7 @@ fn drop_sink(name: &str) {
     require_preloaded();
     require_admin("sinks");
     let gone = as_role(extension_owner(), || {
-        spi(select_one::<String>(
+        spi(write_one::<String>(
             "DELETE FROM changerelay.sinks WHERE name = $1 RETURNING name",
             &[name.into()],
         ))

@@ -10,8 +10,7 @@
 //! horizon in one transaction, which makes older cursors expire.
 
 use crate::gucs;
-use crate::sql::select_all;
-use crate::sql::select_one;
+use crate::sql::{select_one, write_all};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -80,7 +79,7 @@ pub fn maybe_prune(last: &mut Option<Instant>) {
             "UPDATE changerelay.history_horizon SET event_id = greatest(event_id, $1)",
             &[cut.into()],
         )?;
-        let consumers = select_all(
+        let consumers = write_all(
             &format!(
                 "UPDATE changerelay.consumers SET lagging_since = pg_catalog.now()
                   WHERE lagging_since IS NULL AND {HOLD} < $1 RETURNING name"
@@ -88,7 +87,7 @@ pub fn maybe_prune(last: &mut Option<Instant>) {
             &[cut.into()],
             |r| Ok(r.get::<String>(1)?.unwrap_or_default()),
         )?;
-        let sinks = select_all(
+        let sinks = write_all(
             &format!(
                 "UPDATE changerelay.sinks SET lagging_since = pg_catalog.now(), event_id = $1, pos = 4294967295
                   WHERE {HOLD} < $1 RETURNING name"

@@ -37,7 +37,7 @@ def test_two_competing_readers_and_a_crash_between_consume_and_ack(db):
     name = "c_" + uuid.uuid4().hex[:8]
     db.execute("SELECT changerelay.create_consumer(%s, ARRAY[%s])", (name, label))
     for first in range(1, N + 1, 100):
-        db.execute(f"INSERT INTO {table} SELECT g, 't' FROM generate_series(%s, %s) g", (first, first + 99))
+        db.execute(f"INSERT INTO {table} SELECT g, 't' FROM generate_series(%s::int, %s::int) g", (first, first + 99))
     acked = {"a": [], "b": []}
     crashed, refused, errors = [], [], []
     stop = threading.Event()

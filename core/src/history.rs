@@ -374,7 +374,11 @@ mod tests {
         };
         let v = row.view().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((v.op, v.table_name.as_str()), ("truncate", "public.b"));
-        assert_eq!(v.label_tables, ["public.a", "public.b"], "both tables of label x, first stands for the change");
+        assert_eq!(
+            v.label_tables,
+            ["public.a", "public.b"],
+            "both tables of label x, first stands for the change"
+        );
         assert!(!v.matches(&f));
     }
 

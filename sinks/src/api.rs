@@ -74,7 +74,10 @@ pub enum ToSinks {
     Configs(Vec<SinkConfig>),
     Batch(Arc<LiveBatch>),
     /// The answer to [`FromSinks::Read`] `id`.
-    Page { id: u64, result: Result<Page, PageError> },
+    Page {
+        id: u64,
+        result: Result<Page, PageError>,
+    },
 }
 
 /// Rows of a sink's labels after a position, in history order.

@@ -72,7 +72,10 @@ pub fn parse_id(text: &str, system_id: Option<u64>) -> Result<(u64, u32), String
         ([sys, e, s], Some(_)) => (Some(*sys), *e, *s),
         _ => return Err(format!("\"{text}\" is not an id pg_changerelay writes")),
     };
-    let number = |t: &str| t.parse::<u64>().map_err(|_| format!("\"{text}\" is not an id pg_changerelay writes"));
+    let number = |t: &str| {
+        t.parse::<u64>()
+            .map_err(|_| format!("\"{text}\" is not an id pg_changerelay writes"))
+    };
     if let (Some(sys), Some(ours)) = (sys, system_id) {
         let theirs = number(sys)?;
         if theirs != ours {

@@ -151,7 +151,11 @@ fn redact(url: &str) -> String {
     match authority.rsplit_once('@') {
         Some((cred, host)) => {
             let user = cred.split_once(':').map_or(cred, |(u, _)| u);
-            let masked = if cred.contains(':') { format!("{user}:***") } else { "***".to_string() };
+            let masked = if cred.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_string()
+            };
             format!("{scheme}://{masked}@{host}{path}")
         }
         None => url.to_string(),
@@ -161,7 +165,9 @@ fn redact(url: &str) -> String {
 fn text(name: &str, v: &Value, max: usize) -> Result<String, String> {
     match v.as_str() {
         Some(s) if s.len() <= max && !s.chars().any(char::is_control) => Ok(s.to_string()),
-        _ => Err(format!("option {name} must be a string of at most {max} printable characters")),
+        _ => Err(format!(
+            "option {name} must be a string of at most {max} printable characters"
+        )),
     }
 }
 
@@ -202,10 +208,25 @@ mod tests {
             ("nats", "127.0.0.1:4222", Value::Null, "invalid nats URL"),
             ("nats", "nats://", Value::Null, "invalid nats URL"),
             ("redis", "redis://x", json!([1]), "JSON object"),
-            ("redis", "redis://x", json!({"stream": "S"}), "unknown option \"stream\""),
+            (
+                "redis",
+                "redis://x",
+                json!({"stream": "S"}),
+                "unknown option \"stream\"",
+            ),
             ("redis", "redis://x", json!({"batch": 0}), "batch must be"),
-            ("nats", "nats://x", json!({"stream": "a.b"}), "not a JetStream stream name"),
-            ("nats", "nats://x", json!({"subject_prefix": "a.>"}), "not a NATS subject"),
+            (
+                "nats",
+                "nats://x",
+                json!({"stream": "a.b"}),
+                "not a JetStream stream name",
+            ),
+            (
+                "nats",
+                "nats://x",
+                json!({"subject_prefix": "a.>"}),
+                "not a NATS subject",
+            ),
         ];
         for (kind, url, options, expected) in bad {
             match Target::parse(kind, url, &options) {
@@ -220,7 +241,9 @@ mod tests {
         assert_eq!(redact("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
         assert_eq!(redact("nats://tok@h:4222"), "nats://***@h:4222");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
-        let e = Target::parse("nats", "http://u:secret@h", &Value::Null).err().unwrap_or_default();
+        let e = Target::parse("nats", "http://u:secret@h", &Value::Null)
+            .err()
+            .unwrap_or_default();
         assert!(e.contains("http://u:***@h") && !e.contains("secret"), "{e}");
     }
 }

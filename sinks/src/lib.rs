@@ -61,7 +61,8 @@ pub fn start() -> Result<(Sinks, SinkPort), String> {
         .map_err(|e| format!("sinks: could not create their runtime: {e}"))?;
     let (wake_tx, wake_rx) = UnixStream::pair().map_err(|e| format!("sinks: wake socket: {e}"))?;
     for s in [&wake_tx, &wake_rx] {
-        s.set_nonblocking(true).map_err(|e| format!("sinks: wake socket: {e}"))?;
+        s.set_nonblocking(true)
+            .map_err(|e| format!("sinks: wake socket: {e}"))?;
     }
     let (out_tx, out_rx) = mpsc::channel();
     let (tx, rx) = tmpsc::unbounded_channel();
@@ -199,9 +200,11 @@ async fn dispatch(mut rx: tmpsc::UnboundedReceiver<ToSinks>, outbox: Rc<outbox::
                     let (live, live_rx) = tmpsc::channel(SINK_QUEUE);
                     let out = outbox.clone();
                     let task = match config.target.kind {
-                        Kind::Redis => {
-                            tokio::task::spawn_local(sink::run::<redis_broker::RedisBroker>(config.clone(), live_rx, out))
-                        }
+                        Kind::Redis => tokio::task::spawn_local(sink::run::<redis_broker::RedisBroker>(
+                            config.clone(),
+                            live_rx,
+                            out,
+                        )),
                         Kind::Nats => {
                             tokio::task::spawn_local(sink::run::<nats_broker::NatsBroker>(config.clone(), live_rx, out))
                         }

@@ -27,7 +27,10 @@ pub struct NatsBroker {
 }
 
 fn unreachable(target: &Target, what: &str, e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::new(ErrorKind::Unreachable, format!("nats {}: {what}: {e}", target.shown_url()))
+    BrokerError::new(
+        ErrorKind::Unreachable,
+        format!("nats {}: {what}: {e}", target.shown_url()),
+    )
 }
 
 fn refused(target: &Target, what: &str, e: impl std::fmt::Display) -> BrokerError {

@@ -64,7 +64,9 @@ impl Outbox {
         match answer {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(PageError::Failed("the read was dropped".into())),
-            Err(_) => Err(PageError::Failed("the relay worker did not answer a read in 60 s".into())),
+            Err(_) => Err(PageError::Failed(
+                "the relay worker did not answer a read in 60 s".into(),
+            )),
         }
     }
 

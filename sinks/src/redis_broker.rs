@@ -104,8 +104,14 @@ impl Broker for RedisBroker {
             .map(|c| c.system_id);
         match system {
             Some(s) if s == self.system_id => Ok(Some(id)),
-            Some(s) => Err(foreign(format!("its last entry {} is of system {s}; this is system {}", entry.id, self.system_id))),
-            None => Err(foreign(format!("its last entry {} has no change with a cursor", entry.id))),
+            Some(s) => Err(foreign(format!(
+                "its last entry {} is of system {s}; this is system {}",
+                entry.id, self.system_id
+            ))),
+            None => Err(foreign(format!(
+                "its last entry {} has no change with a cursor",
+                entry.id
+            ))),
         }
     }
 
@@ -151,7 +157,12 @@ impl Broker for RedisBroker {
             .get(2)
             .cloned()
             .and_then(|v| redis::from_redis_value::<String>(v).ok())
-            .map(|e| BrokerError::new(ErrorKind::Refused, format!("redis {} refused a write: {e}", self.target.shown_url())));
+            .map(|e| {
+                BrokerError::new(
+                    ErrorKind::Refused,
+                    format!("redis {} refused a write: {e}", self.target.shown_url()),
+                )
+            });
         Written {
             done: (added + duplicates).min(rows.len()),
             duplicates,

@@ -87,7 +87,11 @@ impl Progress {
     }
 
     fn keep(&mut self, batch: Arc<LiveBatch>) {
-        self.head = if self.head == u64::MAX { batch.head } else { self.head.max(batch.head) };
+        self.head = if self.head == u64::MAX {
+            batch.head
+        } else {
+            self.head.max(batch.head)
+        };
         self.batches.push_back(batch);
         if self.batches.len() > KEPT_BATCHES {
             self.batches.pop_front();
@@ -181,8 +185,7 @@ async fn deliver<B: Broker>(
         }
     }
     let last = p.last.clone();
-    p.pending
-        .retain(|r| last.get(&*r.label).is_none_or(|l| r.id() > *l));
+    p.pending.retain(|r| last.get(&*r.label).is_none_or(|l| r.id() > *l));
     p.report(State::Streaming);
     loop {
         if p.pending.is_empty() {

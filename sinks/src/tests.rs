@@ -85,13 +85,19 @@ fn row(event_id: u64, pos: u32, label: &str) -> SinkRow {
 /// `n` rows, 3 per transaction, alternating labels a and b.
 fn history(n: usize) -> Vec<SinkRow> {
     (0..n)
-        .map(|i| row(1000 + (i / 3) as u64 * 10, (i % 3) as u32, if i % 2 == 0 { "a" } else { "b" }))
+        .map(|i| {
+            row(
+                1000 + (i / 3) as u64 * 10,
+                (i % 3) as u32,
+                if i % 2 == 0 { "a" } else { "b" },
+            )
+        })
         .collect()
 }
 
 fn config(start: Position, live: bool) -> SinkConfig {
-    let mut target =
-        Target::parse("redis", "redis://127.0.0.1:1", &serde_json::json!({"batch": 40})).unwrap_or_else(|e| panic!("{e}"));
+    let mut target = Target::parse("redis", "redis://127.0.0.1:1", &serde_json::json!({"batch": 40}))
+        .unwrap_or_else(|e| panic!("{e}"));
     target.timeout = Duration::from_secs(1);
     SinkConfig {
         id: 1,
@@ -133,10 +139,18 @@ fn run(cfg: SinkConfig, stored: Vec<SinkRow>, batches: Vec<Vec<SinkRow>>, expire
                         let result = match expired_below {
                             Some(horizon) if after.0 < horizon => Err(PageError::Expired { horizon }),
                             _ => {
-                                let rows: Vec<SinkRow> =
-                                    h.iter().filter(|r| r.position() > after).take(max as usize).cloned().collect();
+                                let rows: Vec<SinkRow> = h
+                                    .iter()
+                                    .filter(|r| r.position() > after)
+                                    .take(max as usize)
+                                    .cloned()
+                                    .collect();
                                 let more = rows.len() == max as usize;
-                                let head = if more { rows.last().map_or(after, SinkRow::position) } else { (head(&h), END) };
+                                let head = if more {
+                                    rows.last().map_or(after, SinkRow::position)
+                                } else {
+                                    (head(&h), END)
+                                };
                                 Ok(Page { rows, head, more })
                             }
                         };
@@ -149,7 +163,11 @@ fn run(cfg: SinkConfig, stored: Vec<SinkRow>, batches: Vec<Vec<SinkRow>>, expire
                 if let Some(rows) = batches.next() {
                     let after = head(&history.borrow());
                     history.borrow_mut().extend(rows.iter().cloned());
-                    let b = LiveBatch { after, head: head(&history.borrow()), rows: Some(rows) };
+                    let b = LiveBatch {
+                        after,
+                        head: head(&history.borrow()),
+                        rows: Some(rows),
+                    };
                     let _ = live_tx.send(Arc::new(b)).await;
                 }
             }
@@ -161,7 +179,12 @@ fn run(cfg: SinkConfig, stored: Vec<SinkRow>, batches: Vec<Vec<SinkRow>>, expire
 }
 
 fn stored(label: &str) -> Vec<(u64, u32)> {
-    FAKE.with_borrow(|f| f.streams.get(&format!("changerelay:{label}")).cloned().unwrap_or_default())
+    FAKE.with_borrow(|f| {
+        f.streams
+            .get(&format!("changerelay:{label}"))
+            .cloned()
+            .unwrap_or_default()
+    })
 }
 
 fn expected(rows: &[SinkRow], label: &str) -> Vec<(u64, u32)> {
@@ -199,7 +222,10 @@ fn a_restart_resumes_after_what_the_broker_holds() {
     FAKE.with_borrow_mut(|f| {
         *f = Fake::default();
         for r in &all[..200] {
-            f.streams.entry(format!("changerelay:{}", r.label)).or_default().push(r.id());
+            f.streams
+                .entry(format!("changerelay:{}", r.label))
+                .or_default()
+                .push(r.id());
         }
     });
     let report = run(config(all[49].position(), true), all.clone(), vec![], None);
@@ -207,7 +233,11 @@ fn a_restart_resumes_after_what_the_broker_holds() {
         assert_eq!(stored(label), expected(&all, label));
     }
     assert_eq!(report.written, 100, "only what the broker lacked was written");
-    assert_eq!(FAKE.with_borrow(|f| f.duplicates_seen), 0, "nothing was even tried twice");
+    assert_eq!(
+        FAKE.with_borrow(|f| f.duplicates_seen),
+        0,
+        "nothing was even tried twice"
+    );
 }
 
 #[test]
@@ -218,5 +248,8 @@ fn history_pruned_before_delivery_is_reported_and_skipped() {
     let report = run(config((0, END), true), all.clone(), vec![], Some(horizon));
     let after: Vec<SinkRow> = all.iter().filter(|r| r.event_id > horizon).cloned().collect();
     assert_eq!(stored("a"), expected(&after, "a"));
-    assert!(report.error.as_deref().is_some_and(|e| e.contains("pruned")), "{report:?}");
+    assert!(
+        report.error.as_deref().is_some_and(|e| e.contains("pruned")),
+        "{report:?}"
+    );
 }

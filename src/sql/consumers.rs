@@ -137,7 +137,9 @@ fn lock(name: &str) -> Consumer {
         .into_iter()
         .next()
     });
-    let Some((labels, filter, event_id, pos, creator, lagging)) = row else { unknown(name) };
+    let Some((labels, filter, event_id, pos, creator, lagging)) = row else {
+        unknown(name)
+    };
     // SAFETY: reading the session's role.
     let superuser = unsafe { pg_sys::superuser() };
     let member = superuser
@@ -162,7 +164,9 @@ fn lock(name: &str) -> Consumer {
             "Reload the state you derive from its changes, then drop the consumer and create it again (it starts from now).",
         );
     }
-    let filter = filter.and_then(|f| serde_json::from_str(&f).ok()).and_then(|v| Filter::parse(&v).ok());
+    let filter = filter
+        .and_then(|f| serde_json::from_str(&f).ok())
+        .and_then(|v| Filter::parse(&v).ok());
     Consumer {
         name: name.to_string(),
         labels,
@@ -212,7 +216,11 @@ fn advance(c: &mut Consumer) {
             "DELETE FROM changerelay.consumer_leases
               WHERE consumer = $1 AND after_event = $2 AND after_pos = $3 AND lease IS NULL
           RETURNING upto_event, upto_pos",
-            &[c.name.as_str().into(), (c.position.0 as i64).into(), i64::from(c.position.1).into()],
+            &[
+                c.name.as_str().into(),
+                (c.position.0 as i64).into(),
+                i64::from(c.position.1).into(),
+            ],
             |r| Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i64>(2)?.unwrap_or(0))),
         ));
         let Some((e, p)) = next.into_iter().next() else {
@@ -265,12 +273,12 @@ fn create_consumer(name: &str, labels: Vec<String>, filter: default!(Option<Json
     history::check_labels(&labels);
     let filter_text = history::parse_filter(filter.as_ref()).and(filter.map(|f| f.0.to_string()));
     let exists = owned(|| {
-            spi(write_one::<bool>(
-                "SELECT EXISTS (SELECT 1 FROM changerelay.consumers WHERE name = $1)",
-                &[name.into()],
-            ))
-        })
-        .unwrap_or(false);
+        spi(write_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM changerelay.consumers WHERE name = $1)",
+            &[name.into()],
+        ))
+    })
+    .unwrap_or(false);
     if exists {
         raise(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
@@ -346,7 +354,10 @@ fn consume(
     if !(1..=history::MAX_EVENTS).contains(&max_events) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("max_events must be between 1 and {}, not {max_events}", history::MAX_EVENTS),
+            format!(
+                "max_events must be between 1 and {}, not {max_events}",
+                history::MAX_EVENTS
+            ),
             None,
             "Pass how many changes to lease at most.",
         );
@@ -362,10 +373,11 @@ fn consume(
     }
     let mut c = lock(name);
     let leased = |rows: Vec<ChangeTuple>, lease: i64| {
-        TableIterator::new(
-            rows.into_iter()
-                .map(move |t| (lease, t.0, t.1, t.2, t.3, t.4, t.5, t.6, t.7, t.8, t.9, t.10, t.11, t.12)),
-        )
+        TableIterator::new(rows.into_iter().map(move |t| {
+            (
+                lease, t.0, t.1, t.2, t.3, t.4, t.5, t.6, t.7, t.8, t.9, t.10, t.11, t.12,
+            )
+        }))
     };
     loop {
         let expired = owned(|| {
@@ -376,7 +388,10 @@ fn consume(
                 &[name.into()],
                 |r| {
                     let n = |i| r.get::<i64>(i).map(|v| v.unwrap_or(0));
-                    Ok(((n(1)?.max(0) as u64, pos_in(n(2)?)), (n(3)?.max(0) as u64, pos_in(n(4)?))))
+                    Ok((
+                        (n(1)?.max(0) as u64, pos_in(n(2)?)),
+                        (n(3)?.max(0) as u64, pos_in(n(4)?)),
+                    ))
                 },
             ))
             .into_iter()
@@ -536,12 +551,12 @@ fn ack(name: &str, cursor: &str, lease: default!(Option<i64>, "NULL")) {
             "UPDATE changerelay.consumer_leases SET upto_event = $4, upto_pos = $5, lease = NULL, expires_at = NULL
               WHERE consumer = $1 AND after_event = $2 AND after_pos = $3",
             &[
-                    name.into(),
-                    (after.0 as i64).into(),
-                    i64::from(after.1).into(),
-                    (at.0 as i64).into(),
-                    i64::from(at.1).into(),
-                ],
+                name.into(),
+                (after.0 as i64).into(),
+                i64::from(after.1).into(),
+                (at.0 as i64).into(),
+                i64::from(at.1).into(),
+            ],
         ));
     });
     advance(&mut c);

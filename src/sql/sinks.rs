@@ -68,7 +68,14 @@ CREATE TRIGGER sinks_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON cha
     FOR EACH STATEMENT EXECUTE FUNCTION changerelay.sinks_changed();
 "#,
     name = "sink_grants",
-    requires = ["sink_tables", "token_tables", create_sink, drop_sink, sinks, sinks_changed]
+    requires = [
+        "sink_tables",
+        "token_tables",
+        create_sink,
+        drop_sink,
+        sinks,
+        sinks_changed
+    ]
 );
 
 /// Trigger on `changerelay.sinks`: whatever changed the table, the worker
@@ -97,13 +104,7 @@ fn spi<T>(r: Result<T, pgrx::spi::Error>) -> T {
 /// in commit order per label, into the broker at `url` (`kind` `redis` or
 /// `nats`; `options` in the README).
 #[pg_extern(volatile)]
-fn create_sink(
-    name: &str,
-    kind: &str,
-    url: &str,
-    labels: Vec<String>,
-    options: default!(Option<JsonB>, "'{}'"),
-) {
+fn create_sink(name: &str, kind: &str, url: &str, labels: Vec<String>, options: default!(Option<JsonB>, "'{}'")) {
     let options = options.unwrap_or_else(|| JsonB(serde_json::json!({})));
     require_preloaded();
     require_admin("sinks");
@@ -238,8 +239,12 @@ fn sinks() -> TableIterator<
                 let kind = r.get::<String>(2)?.unwrap_or_default();
                 let url = r.get::<String>(3)?.unwrap_or_default();
                 let options = r.get::<JsonB>(5)?;
-                let shown = Target::parse(&kind, &url, &options.as_ref().map_or(serde_json::Value::Null, |o| o.0.clone()))
-                    .map_or_else(|_| "(invalid)".to_string(), |t| t.shown_url());
+                let shown = Target::parse(
+                    &kind,
+                    &url,
+                    &options.as_ref().map_or(serde_json::Value::Null, |o| o.0.clone()),
+                )
+                .map_or_else(|_| "(invalid)".to_string(), |t| t.shown_url());
                 let e = r.get::<i64>(7)?.unwrap_or(0);
                 Ok((
                     r.get::<String>(1)?.unwrap_or_default(),

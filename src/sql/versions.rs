@@ -297,7 +297,10 @@ fn status() -> JsonB {
     });
     let mut sinks = sinks;
     if let Some(o) = sinks.as_object_mut() {
-        o.insert("thread_restarts".into(), Value::from(st.sinks_restarts.load(Ordering::Relaxed)));
+        o.insert(
+            "thread_restarts".into(),
+            Value::from(st.sinks_restarts.load(Ordering::Relaxed)),
+        );
     }
     JsonB(json!({
         "consumers": consumers,

@@ -147,7 +147,9 @@ impl Link {
         }
         if !installed {
             while let Some((id, ..)) = self.reads.pop_front() {
-                let result = Err(PageError::Failed("pg_changerelay is not installed in this database yet".into()));
+                let result = Err(PageError::Failed(
+                    "pg_changerelay is not installed in this database yet".into(),
+                ));
                 self.sinks.publish(ToSinks::Page { id, result });
             }
             return true;
@@ -203,9 +205,11 @@ impl Link {
                                 PageError::Expired { horizon } => format!("expired:{horizon}"),
                             })
                         })
-                        .map_err(|m| match m.strip_prefix("expired:").and_then(|h| h.parse().ok()) {
-                            Some(horizon) => PageError::Expired { horizon },
-                            None => PageError::Failed(m),
+                        .map_err(|m| {
+                            match m.strip_prefix("expired:").and_then(|h| h.parse().ok()) {
+                                Some(horizon) => PageError::Expired { horizon },
+                                None => PageError::Failed(m),
+                            }
                         })
                     }
                 };
@@ -234,8 +238,16 @@ impl Link {
         for r in &reports {
             let (written, dups) = self.recorded.get(&r.sink).copied().unwrap_or((0, 0));
             // Counters restart with the sink's task.
-            let dw = if r.written >= written { r.written - written } else { r.written };
-            let dd = if r.duplicates >= dups { r.duplicates - dups } else { r.duplicates };
+            let dw = if r.written >= written {
+                r.written - written
+            } else {
+                r.written
+            };
+            let dd = if r.duplicates >= dups {
+                r.duplicates - dups
+            } else {
+                r.duplicates
+            };
             self.recorded.insert(r.sink.clone(), (r.written, r.duplicates));
             updates.push((r, dw as i64, dd as i64));
         }
@@ -366,7 +378,10 @@ fn read_page(labels: &[String], after: sk::Position, max: u32) -> Result<Page, P
         Some(v) if more => (v.event_id, v.pos),
         _ => (cursors::current().event_id, sk::END),
     };
-    let rows = views.into_iter().filter_map(|v| sink_row(v, system_id, timeline)).collect();
+    let rows = views
+        .into_iter()
+        .filter_map(|v| sink_row(v, system_id, timeline))
+        .collect();
     Ok(Page { rows, head, more })
 }
 

@@ -277,22 +277,37 @@ fn status() -> JsonB {
     })
     .unwrap_or((0, 0, 0));
     let last_ts = st.last_commit_ts.load(Ordering::Acquire);
-    // Names only (no filters, no URLs): whoever may call status() may see them.
+    // Names only (no filters, no URLs): whoever may call status() may see them. The tables are missing
+    // while the extension waits for ALTER EXTENSION UPDATE from 0.1.0.
     let (consumers, sinks) = crate::sql::access::as_role(crate::sql::access::extension_owner(), || {
-        let q = |sql: &str| {
+        let q = |table: &str, sql: &str| {
+            let exists =
+                crate::sql::select_one::<bool>("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[table.into()])
+                    .ok()
+                    .flatten()
+                    .unwrap_or(false);
+            if !exists {
+                return Value::Null;
+            }
             crate::sql::select_one::<JsonB>(sql, &[])
                 .ok()
                 .flatten()
                 .map_or(Value::Null, |j| j.0)
         };
         (
-            q("SELECT pg_catalog.json_build_object('count', count(*),
+            q(
+                "changerelay.consumers",
+                "SELECT pg_catalog.json_build_object('count', count(*),
                       'lagging', coalesce(pg_catalog.jsonb_agg(name ORDER BY name) FILTER (WHERE lagging_since IS NOT NULL), '[]'))::jsonb
-                 FROM changerelay.consumers"),
-            q("SELECT pg_catalog.json_build_object('count', count(*),
+                 FROM changerelay.consumers",
+            ),
+            q(
+                "changerelay.sinks",
+                "SELECT pg_catalog.json_build_object('count', count(*),
                       'lagging', coalesce(pg_catalog.jsonb_agg(name ORDER BY name) FILTER (WHERE lagging_since IS NOT NULL), '[]'),
                       'not_streaming', coalesce(pg_catalog.jsonb_agg(name ORDER BY name) FILTER (WHERE state <> 'streaming'), '[]'))::jsonb
-                 FROM changerelay.sinks"),
+                 FROM changerelay.sinks",
+            ),
         )
     });
     let mut sinks = sinks;

@@ -358,7 +358,7 @@ impl Relay {
             s.status.batches.fetch_add(1, Ordering::Relaxed);
             s.status.changes.fetch_add(updates.changes, Ordering::Relaxed);
         }
-        if let Some(sinks) = self.sinks.as_mut() {
+        if let Some(sinks) = self.sinks.as_mut().filter(|_| self.installed) {
             sinks.publish(applied.fresh.as_ref(), updates.last_commit.map(|c| c.event_id));
         }
         if changed || updates.last_commit.is_some() {

@@ -91,6 +91,9 @@ impl Link {
         // Unknown start: no sink may take the batch as the next after its position.
         let after = self.head.unwrap_or(u64::MAX);
         self.head = Some(self.head.map_or(new_head, |h| h.max(new_head)));
+        // A sink dropped before this batch committed must not get it: the
+        // drop moved the generation, so the sinks are loaded again first.
+        self.reload_if_due();
         if self.loaded.is_empty() {
             return;
         }

@@ -120,7 +120,8 @@ impl Progress {
             } else {
                 // Caught up: nothing to write until the next batch.
                 self.delivered = self.read_at;
-                if self.reported != self.delivered {
+                if self.reported != self.delivered || self.error.is_some() {
+                    self.error = None;
                     self.report(State::Streaming);
                 }
                 match live.recv().await {
@@ -186,7 +187,8 @@ async fn deliver<B: Broker>(
     }
     let last = p.last.clone();
     p.pending.retain(|r| last.get(&*r.label).is_none_or(|l| r.id() > *l));
-    p.report(State::Streaming);
+    // Connected; `streaming` once a write succeeds or there is nothing to write.
+    p.report(State::Connecting);
     loop {
         if p.pending.is_empty() {
             p.fill(live).await?;

@@ -137,10 +137,11 @@ bench-decode: install
 
 ## The benchmark suite (issue 6): installs (release), starts its own cluster on 127.0.0.1:$(BENCH_PORT)
 ## (endpoint +1000), runs every workload, writes bench/out/results.{json,md,png} (bench/out/pgNN for 17
-## and 18), stops the cluster. QUICK=1: under 3 minutes.
+## and 18), stops the cluster. QUICK=1: under 3 minutes. ONLY=sinks (comma-separated): those workloads only.
 BENCH_OUT := $(CURDIR)/bench/out$(if $(filter 15,$(PG)),,/pg$(PG))
 bench: install
-	PG=$(PG) .venv/bin/python bench/run.py --no-install --port $(BENCH_PORT) --out $(BENCH_OUT) $(if $(QUICK),--quick)
+	PG=$(PG) .venv/bin/python bench/run.py --no-install --port $(BENCH_PORT) --out $(BENCH_OUT) $(if $(QUICK),--quick) \
+	  $(if $(ONLY),--only $(ONLY))
 
 ## Each fuzz target for FUZZ_SECONDS (default 60); installs cargo-fuzz when missing. Not part of `make test`.
 FUZZ_SECONDS ?= 60

@@ -200,21 +200,11 @@ impl Link {
             while let Some((id, sink, labels, after, max)) = reads.0.pop_front() {
                 let result = match creators.get(&sink) {
                     None => Err(PageError::Failed(format!("sink \"{sink}\" was dropped"))),
-                    Some(creator) => {
-                        let read = || read_page(&labels, after, max);
-                        crate::txn::try_subtransaction(|| {
-                            crate::txn::with_statement_timeout(limit, || as_role(*creator, read)).map_err(|e| match e {
-                                PageError::Failed(m) => m,
-                                PageError::Expired { horizon } => format!("expired:{horizon}"),
-                            })
+                    Some(creator) => guarded(|| {
+                        crate::txn::with_statement_timeout(limit, || {
+                            as_role(*creator, || read_page(&labels, after, max))
                         })
-                        .map_err(|m| {
-                            match m.strip_prefix("expired:").and_then(|h| h.parse().ok()) {
-                                Some(horizon) => PageError::Expired { horizon },
-                                None => PageError::Failed(m),
-                            }
-                        })
-                    }
+                    }),
                 };
                 answers.push((id, result));
                 if Instant::now() >= turn_ends {
@@ -284,6 +274,24 @@ impl Link {
         if let Err(e) = done {
             warning!("pg_changerelay relay: could not record the sinks' progress: {e}");
         }
+    }
+}
+
+/// Runs `read` in a subtransaction: a Postgres error (a statement timeout,
+/// a dropped creator) becomes a failed read, retried by the sink, instead of
+/// ending the worker.
+fn guarded(read: impl FnOnce() -> Result<Page, PageError>) -> Result<Page, PageError> {
+    let mut refused = None;
+    let result = crate::txn::try_subtransaction(|| {
+        read().map_err(|e| {
+            refused = Some(e);
+            String::new()
+        })
+    });
+    match (result, refused) {
+        (Ok(page), _) => Ok(page),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(PageError::Failed(e)),
     }
 }
 

@@ -202,7 +202,7 @@ def hostile_markdown(h):
     md.append(table(["window", "p50 ms", "p95 ms", "p99 ms", "max ms", "p50 first / last quarter",
                      "watch() p50 / p99 ms", "delivered",
                      "lag max s", "lag max bytes", "worker main ran / waited", "endpoint ran / waited",
-                     "machine busy"],
+                     "machine busy", "other users"],
                     [(n, f2(r["latency"]["p50_ms"]), f2(r["latency"]["p95_ms"]), f2(r["latency"]["p99_ms"]),
                       f2(r["latency"]["max_ms"]),
                       " / ".join(f2((r.get("latency_trend") or {}).get(k))
@@ -210,10 +210,12 @@ def hostile_markdown(h):
                       f"{f2(r['watch_latency']['p50_ms'])} / {f2(r['watch_latency']['p99_ms'])}",
                       f"{r['delivered']}/{r['commits']}", f2(r["lag"]["max_s"]), f0(r["lag"]["max_bytes"]),
                       sched(r["cpu"], "worker_main"), sched(r["cpu"], "worker_endpoint"),
-                      f"{f2(r['cpu']['machine'])} of {r['cpu']['cores']}") for n, r in rows]))
+                      f"{f2(r['cpu']['machine'])} of {r['cpu']['cores']}", f2(r["cpu"]["unaccounted"]))
+                     for n, r in rows]))
     md.append("*ran / waited*: cores the thread ran, and waited runnable for a core (`/proc/…/schedstat`); "
               "ran + waited near 1 means the thread never slept (saturated). *Machine busy*: every process, "
-              "other users' included. *First / last quarter*: p50 of the commits of the window's first and last "
+              "other users' included; *other users*: what remains after the cluster, the client processes and "
+              "this one (cores; kernel time not charged to a process too). *First / last quarter*: p50 of the commits of the window's first and last "
               "quarter; a growing one is a queue building up, not a steady delay.\n")
     wnd, c = ab["window"], rs["hostile"]["cpu"]
     md.append(f"Re-subscribing vs alone: p50 **{f2(rs['p50_ratio'])}x**, p99 **{f2(rs['p99_ratio'])}x**. "

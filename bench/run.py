@@ -73,7 +73,7 @@ def server_log_problems():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short runs, fewer points (under 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="short runs, fewer points (about 5 minutes on 2 busy cores)")
     ap.add_argument("--port", type=int, default=5487, help="the cluster's port; the endpoint listens on port+1000")
     ap.add_argument("--out", default=os.path.join(BENCH, "out"), help="directory for results.{json,md,png}")
     ap.add_argument("--no-install", action="store_true",

@@ -193,11 +193,6 @@ const FILTERED_PAGE: i64 = 1000;
 /// a fresh snapshot (so a waiting `watch()` sees what the worker committed
 /// since). Filters are applied to the decoded rows, page by page.
 pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
-    const SQL: &str = "SELECT h.event_id, h.pos, h.ts, h.relid, h.label, h.change, m.metadata::pg_catalog.text
-           FROM changerelay.history h
-           LEFT JOIN changerelay.history_metadata m ON m.event_id = h.event_id
-          WHERE (h.event_id, h.pos) > ($1, $2) AND ($3::pg_catalog.text[] IS NULL OR h.label = ANY ($3))
-          ORDER BY h.event_id, h.pos LIMIT $4";
     let want = req.max_events.max(1) as usize;
     let page = if req.filter.is_some() {
         FILTERED_PAGE.max(want as i64)
@@ -207,30 +202,17 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
     let mut out = Vec::new();
     let mut bytes = 0usize;
     let mut at = req.after.position();
+    let labels: Option<Vec<String>> = req.labels.as_ref().map(|l| {
+        let mut l = l.clone();
+        l.sort();
+        l.dedup();
+        l
+    });
     // SAFETY: a fresh snapshot for this read only, popped right after.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     let read = (|| -> Result<(), String> {
         loop {
-            let args: Vec<DatumWithOid<'_>> = vec![
-                (at.0.min(i64::MAX as u64) as i64).into(),
-                (at.1 as i64).into(),
-                req.labels.clone().into(),
-                page.into(),
-            ];
-            let mut views = crate::sql::select_all(SQL, &args, |r| {
-                let row = HistoryRow {
-                    event_id: r.get::<i64>(1)?.unwrap_or(0) as u64,
-                    pos: r.get::<i32>(2)?.unwrap_or(0) as u32,
-                    ts: r.get::<i64>(3)?.unwrap_or(0),
-                    relid: r.get::<pg_sys::Oid>(4)?.map_or(0, |o| o.to_u32()),
-                    label: r.get::<String>(5)?.unwrap_or_default(),
-                    frame: r.get::<Vec<u8>>(6)?.unwrap_or_default(),
-                };
-                let mut view = view_or_marker(&row);
-                view.metadata = r.get::<String>(7)?;
-                Ok(view)
-            })
-            .map_err(|e| e.to_string())?;
+            let (mut views, exhausted) = read_page(at, labels.as_deref(), page)?;
             let got = views.len();
             if let Some(last) = views.last() {
                 at = (last.event_id, last.pos);
@@ -246,7 +228,7 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
                     return Ok(());
                 }
             }
-            if (got as i64) < page {
+            if exhausted || got == 0 {
                 return Ok(());
             }
         }
@@ -260,6 +242,66 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
     not_expired(&req.after).map_err(|p| p.message())?;
     read.map_err(|e| format!("could not read history: {e}"))?;
     Ok(out)
+}
+
+/// The history rows after `at`, in commit order, at most `page` of them (of
+/// each label), and whether nothing more follows them now. Each label is
+/// read on its own through the `(label, event_id, pos)` index (one query with
+/// `label = ANY(...)` would scan and sort every row of its labels after the
+/// cursor) and the labels are merged; without labels the primary key is read.
+fn read_page(at: (u64, u32), labels: Option<&[String]>, page: i64) -> Result<(Vec<ChangeView>, bool), String> {
+    const COLUMNS: &str = "SELECT h.event_id, h.pos, h.ts, h.relid, h.label, h.change, m.metadata::pg_catalog.text
+           FROM changerelay.history h
+           LEFT JOIN changerelay.history_metadata m ON m.event_id = h.event_id";
+    let (event_id, pos) = (at.0.min(i64::MAX as u64) as i64, i64::from(at.1));
+    let query = |sql: &str, label: Option<&str>| -> Result<Vec<ChangeView>, String> {
+        let mut args: Vec<DatumWithOid<'_>> = vec![event_id.into(), pos.into()];
+        if let Some(label) = label {
+            args.push(label.into());
+        }
+        args.push(page.into());
+        crate::sql::select_all(sql, &args, |r| {
+            let row = HistoryRow {
+                event_id: r.get::<i64>(1)?.unwrap_or(0) as u64,
+                pos: r.get::<i32>(2)?.unwrap_or(0) as u32,
+                ts: r.get::<i64>(3)?.unwrap_or(0),
+                relid: r.get::<pg_sys::Oid>(4)?.map_or(0, |o| o.to_u32()),
+                label: r.get::<String>(5)?.unwrap_or_default(),
+                frame: r.get::<Vec<u8>>(6)?.unwrap_or_default(),
+            };
+            let mut view = view_or_marker(&row);
+            view.metadata = r.get::<String>(7)?;
+            Ok(view)
+        })
+        .map_err(|e| e.to_string())
+    };
+    let Some(labels) = labels else {
+        let sql = format!("{COLUMNS} WHERE (h.event_id, h.pos) > ($1, $2) ORDER BY h.event_id, h.pos LIMIT $3");
+        let rows = query(&sql, None)?;
+        let exhausted = (rows.len() as i64) < page;
+        return Ok((rows, exhausted));
+    };
+    let sql =
+        format!("{COLUMNS} WHERE h.label = $3 AND (h.event_id, h.pos) > ($1, $2) ORDER BY h.event_id, h.pos LIMIT $4");
+    let mut merged = Vec::new();
+    // Rows past the end of a label's full page may still be preceded by that
+    // label's next page: only rows up to the lowest such end are in order.
+    let mut bound: Option<(u64, u32)> = None;
+    for label in labels {
+        let rows = query(&sql, Some(label))?;
+        if rows.len() as i64 >= page {
+            if let Some(last) = rows.last() {
+                let end = (last.event_id, last.pos);
+                bound = Some(bound.map_or(end, |b| b.min(end)));
+            }
+        }
+        merged.extend(rows);
+    }
+    merged.sort_by_key(|v| (v.event_id, v.pos));
+    if let Some(b) = bound {
+        merged.retain(|v| (v.event_id, v.pos) <= b);
+    }
+    Ok((merged, bound.is_none()))
 }
 
 /// The row as readers see it; a frame that can not be decoded (damaged

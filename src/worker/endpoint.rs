@@ -232,7 +232,9 @@ impl Link {
     /// publishes the status, answers pending requests. False when the
     /// endpoint thread has ended (the caller drops the link and starts a new
     /// endpoint).
-    pub fn tick(&mut self, installed: bool) -> bool {
+    /// `decoded`: where decoding has read up to; requests yield to decoding
+    /// as soon as WAL past it is flushed.
+    pub fn tick(&mut self, installed: bool, decoded: u64) -> bool {
         if !self.endpoint.is_running() {
             return false;
         }
@@ -263,8 +265,10 @@ impl Link {
             }
             return true;
         }
-        // Requests get a slice of each turn, each under a time limit, so
-        // that decoding is never starved; the rest wait for the next turn.
+        // Requests get a slice of each turn, each under a time limit, and
+        // give way as soon as there is WAL to decode (at least one request is
+        // answered per turn), so that live changes are never queued behind
+        // them; the rest wait for the next turn.
         let labels = self.labels.clone();
         let limit = gucs::request_timeout();
         let turn_ends = Instant::now() + TURN_BUDGET;
@@ -275,7 +279,9 @@ impl Link {
             while let Some(r) = backlog.0.pop_front() {
                 let result = guarded(|| crate::txn::with_statement_timeout(limit, || answer(&r.kind, &labels)));
                 replies.push((r.id, result));
-                if Instant::now() >= turn_ends {
+                // SAFETY: reading the WAL flush position from shared memory.
+                let new_wal = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) } > decoded;
+                if new_wal || Instant::now() >= turn_ends {
                     break;
                 }
             }

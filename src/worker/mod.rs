@@ -392,8 +392,9 @@ impl Relay {
     /// up to 30 s between attempts: never a busy loop on a dead socket.
     fn serve_endpoint(&mut self) {
         let installed = self.installed;
+        let decoded = self.decoder.as_ref().map_or(u64::MAX, decoder::Decoder::position);
         if let Some(link) = self.link.as_mut() {
-            if link.tick(installed) {
+            if link.tick(installed, decoded) {
                 return;
             }
             warning!("pg_changerelay relay: the endpoint thread has ended; starting it again in 1 s");

@@ -281,8 +281,12 @@ fn read_page(at: (u64, u32), labels: Option<&[String]>, page: i64) -> Result<(Ve
         let exhausted = (rows.len() as i64) < page;
         return Ok((rows, exhausted));
     };
-    let sql =
-        format!("{COLUMNS} WHERE h.label = $3 AND (h.event_id, h.pos) > ($1, $2) ORDER BY h.event_id, h.pos LIMIT $4");
+    // Ordered like the index (the label is fixed). The worker keeps the
+    // table analyzed (see `worker::Relay::maybe_analyze`): before that, the
+    // planner guesses a few hundred rows and sorts them all.
+    let sql = format!(
+        "{COLUMNS} WHERE h.label = $3 AND (h.event_id, h.pos) > ($1, $2) ORDER BY h.label, h.event_id, h.pos LIMIT $4"
+    );
     let mut merged = Vec::new();
     // Rows past the end of a label's full page may still be preceded by that
     // label's next page: only rows up to the lowest such end are in order.

@@ -104,6 +104,8 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         persister: persist::Persister::default(),
         waiting_for_update: None,
         endpoint_retry: None,
+        history_rows_unanalyzed: 0,
+        last_analyze: None,
     };
     let mut sleep = Duration::ZERO;
     while wait(sleep, relay.link.as_ref().map(endpoint::Link::wake_fd)) {
@@ -158,6 +160,9 @@ struct Relay {
     /// When to start the endpoint again after its thread ended, and the wait
     /// after that.
     endpoint_retry: Option<(std::time::Instant, Duration)>,
+    /// History rows written since the worker last analyzed the table, and when.
+    history_rows_unanalyzed: u64,
+    last_analyze: Option<std::time::Instant>,
 }
 
 impl Relay {
@@ -212,6 +217,7 @@ impl Relay {
         });
         if self.installed {
             self.maybe_prune();
+            self.maybe_analyze();
         }
         let Some(decoder) = self.decoder.as_mut() else {
             return poll;
@@ -331,6 +337,7 @@ impl Relay {
     /// and the endpoint.
     fn publish(&mut self, applied: persist::Applied, confirmed: u64) {
         let updates = &applied.updates;
+        self.history_rows_unanalyzed += updates.changes;
         let changed = !updates.labels.is_empty() || !updates.floors.is_empty() || !updates.rows.is_empty();
         if changed {
             apply_to_shared_memory(updates);
@@ -421,6 +428,26 @@ impl Relay {
                 Some((std::time::Instant::now() + next, next))
             }
         };
+    }
+
+    /// Analyzes the history once much has been written to it since the last
+    /// time (autovacuum gets there too, but later): history reads of one
+    /// label walk the label index only when the planner knows the table is
+    /// large; with no statistics it sorts every row of the label instead.
+    fn maybe_analyze(&mut self) {
+        const ROWS: u64 = 50_000;
+        const EVERY: Duration = Duration::from_secs(10);
+        if self.history_rows_unanalyzed < ROWS || self.last_analyze.is_some_and(|t| t.elapsed() < EVERY) {
+            return;
+        }
+        self.last_analyze = Some(std::time::Instant::now());
+        self.history_rows_unanalyzed = 0;
+        let done = crate::txn::try_transaction(|| {
+            Spi::run("ANALYZE changerelay.history, changerelay.history_metadata").map_err(|e| e.to_string())
+        });
+        if let Err(e) = done {
+            warning!("pg_changerelay relay: could not analyze the history: {e}");
+        }
     }
 
     /// Prunes history older than `changerelay.history_retention`, at most

@@ -140,8 +140,8 @@ test-integration:
 
 ## The client libraries against a real cluster (127.0.0.1:$(CLIENTS_PORT), endpoint +1000): clients/js built
 ## with TypeScript and run in Node and in headless Chromium (Debian's, through playwright-core), the dashboard
-## in Chromium (its screenshot in $(WORK)/clients/). The cluster allows the browser tests' page origin,
-## 127.0.0.1:CLIENTS_PORT+2000.
+## in Chromium (its screenshot in $(WORK)/clients/), clients/python with pytest. The cluster allows the
+## browser tests' page origin, 127.0.0.1:CLIENTS_PORT+2000.
 CLIENTS_OUT := $(WORK)/clients
 test-clients:
 	$(INSTALL) --debug $(PG_CONFIG) $(FEATURES)
@@ -152,6 +152,7 @@ test-clients:
 	@status=0; export PGCR_CLIENTS_PORT=$(CLIENTS_PORT) PGCR_CLIENTS_OUT=$(CLIENTS_OUT); \
 	  node --experimental-websocket --disable-warning=ExperimentalWarning --test --test-concurrency=1 \
 	    clients/js/test/*.test.mjs || status=$$?; \
+	  .venv/bin/pytest clients/python/tests $(PYTEST_ARGS) || status=$$?; \
 	  PG=$(PG) scripts/cluster.sh stop $(CLIENTS_DIR); exit $$status
 
 ## Decoding throughput next to wal2json, test_decoding and pgoutput (ROWS=600000 for >1M changes).

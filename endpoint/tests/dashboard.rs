@@ -128,15 +128,11 @@ fn status_counts_clients_by_kind_and_the_totals_move() {
         &mut ws,
         json!({"op":"subscribe","labels":["parameters"],"versions":false,"changes":true}),
     );
-    let sse = std::net::TcpStream::connect(fake.addr).unwrap();
-    let mut sse_reader = sse.try_clone().unwrap();
-    std::io::Write::write_all(
-        &mut &sse,
-        format!("GET /events?labels=flags HTTP/1.1\r\nHost: {}\r\n\r\n", fake.addr).as_bytes(),
-    )
-    .unwrap();
-    sse_reader.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    assert_eq!(read_head(&mut sse_reader), 200);
+    let (_sse, head) = open_request(
+        fake.addr,
+        &format!("GET /events?labels=flags HTTP/1.1\r\nHost: {}\r\n\r\n", fake.addr),
+    );
+    assert_eq!(head.status, 200);
     let c = status()["clients"].clone();
     assert_eq!(
         (c["connections"].as_u64(), c["websocket"].as_u64(), c["sse"].as_u64()),
@@ -171,15 +167,4 @@ fn status_before_the_worker_reported() {
         json!({"state": "starting", "consuming": false, "last_event_id": 0, "lag_bytes": 0, "cursor": null})
     );
     assert_eq!(v["labels"], json!([]));
-}
-
-/// Reads a response head byte by byte and returns its status (the body streams on).
-fn read_head(s: &mut impl std::io::Read) -> u16 {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed in the head");
-        buf.push(byte[0]);
-    }
-    parse_response(&buf).status
 }

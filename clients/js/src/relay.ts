@@ -468,6 +468,8 @@ export class ChangeRelay extends Emitter<RelayEvents> {
   private async onResync(m: ResyncMessage): Promise<void> {
     if (!this.feed) return;
     this.resumeAt = null;
+    // Positions from now on may be lower (another cluster, a restored server): forget the last one.
+    this.lastChange = null;
     this.subscribeFeed();
     await this.emit("resync", this.reportError, m);
   }

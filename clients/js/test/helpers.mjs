@@ -27,25 +27,23 @@ export function lit(value) {
   return `'${String(value).replaceAll("'", "''")}'`;
 }
 
-/** Runs SQL (autocommit, one statement per transaction) and returns the first column of each row, as text. */
-export async function sql(query) {
+/** The host's psql on the cluster, each `-c` statement in a transaction of its own; its rows unaligned. */
+async function psql(statements) {
   const { stdout } = await run(
     "psql",
     ["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", String(PORT), "-U", "postgres",
-      "-d", "postgres", "-c", query],
+      "-d", "postgres", ...statements.flatMap((s) => ["-c", s])],
     { timeout: 30_000 },
   );
   return stdout.split("\n").filter((l) => l !== "");
 }
 
+/** Runs one statement and returns the first column of each row, as text. */
+export const sql = (query) => psql([query]);
+
 /** Runs each statement in a transaction of its own, in one psql session. */
 export async function sqlEach(statements) {
-  await run(
-    "psql",
-    ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", String(PORT), "-U", "postgres", "-d", "postgres",
-      ...statements.flatMap((s) => ["-c", s])],
-    { timeout: 30_000 },
-  );
+  await psql(statements);
 }
 
 export async function sqlValue(query) {

@@ -225,6 +225,9 @@ class Relay:
                         code, reason = ws.close_code, ws.close_reason or ""
             except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError, ConnectionClosed) as e:
                 reason = str(e)
+            except Exception as e:  # anything else: reported, and the relay goes on reconnecting
+                reason = repr(e)
+                self._fail(RelayError("protocol", f"the connection failed: {e!r}"))
             finally:
                 self._ws = None
                 self._synced.clear()
@@ -363,6 +366,8 @@ class Relay:
         if self._feed is None:
             return
         self._cursor = None
+        # Positions from now on may be lower (another cluster, a restored server): forget the last one.
+        self._last_change = None
         await self._subscribe_feed()
         await self._emit("resync", m)
 

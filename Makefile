@@ -150,7 +150,7 @@ test-clients:
 	@PG=$(PG) EXTRA_CONF="changerelay.allowed_origins = 'http://127.0.0.1:$$(($(CLIENTS_PORT) + 2000))'" \
 	  scripts/cluster.sh start $(CLIENTS_DIR) $(CLIENTS_PORT)
 	@status=0; export PGCR_CLIENTS_PORT=$(CLIENTS_PORT) PGCR_CLIENTS_OUT=$(CLIENTS_OUT); \
-	  node --experimental-websocket --disable-warning=ExperimentalWarning --test --test-concurrency=1 \
+	  node --experimental-websocket --disable-warning=ExperimentalWarning --test --test-force-exit --test-concurrency=1 \
 	    clients/js/test/*.test.mjs || status=$$?; \
 	  .venv/bin/pytest clients/python/tests $(PYTEST_ARGS) || status=$$?; \
 	  PG=$(PG) scripts/cluster.sh stop $(CLIENTS_DIR); exit $$status

@@ -7,7 +7,9 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
  * options: { url, token, changes?, loaders?: [{ label, identifier?, delayMs? }] }
  */
 export function startHarness(ChangeRelay, { loaders = [], ...options }) {
-  const h = { changes: [], errors: [], opens: 0, closes: [], resyncs: [], runs: {}, active: {}, maxActive: {} };
+  const h = {
+    changes: [], checkpoints: [], errors: [], opens: 0, closes: [], resyncs: [], runs: {}, active: {}, maxActive: {},
+  };
   const relay = new ChangeRelay({ ...options, backoff: { initialMs: 100, maxMs: 1000 } });
   relay.on("change", (c) => {
     h.changes.push({ id: (c.new ?? c.key)?.id ?? null, cursor: c.cursor, event_id: c.event_id, seq: c.seq, op: c.op });
@@ -16,6 +18,7 @@ export function startHarness(ChangeRelay, { loaders = [], ...options }) {
     h.opens += 1;
   });
   relay.on("close", (info) => h.closes.push(info));
+  relay.on("checkpoint", (cursor) => h.checkpoints.push(cursor));
   relay.on("error", (e) => h.errors.push({ code: e.code, message: e.message }));
   relay.on("resync", (m) => h.resyncs.push(m));
   for (const { label, identifier, delayMs = 0 } of loaders) {

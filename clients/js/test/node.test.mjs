@@ -13,6 +13,6 @@ test("Node: loaders run at start and on increase, not on repeats, never overlapp
   await loaderSemantics(nodeDriver(ChangeRelay));
 });
 
-test("Node: a cursor of another cluster resyncs from now", { timeout: 30_000 }, async () => {
-  await resyncFromAForeignCursor(nodeDriver(ChangeRelay));
+test("Node: resync from a cursor of another cluster, then checkpoints while idle", { timeout: 30_000 }, async () => {
+  await resyncFromAForeignCursor(nodeDriver(ChangeRelay), nodeDriver(ChangeRelay));
 });

@@ -161,8 +161,11 @@ export async function loaderSemantics(driver) {
   await driver.close();
 }
 
-/** A cursor of another cluster: the client is told to resync, subscribes again from now and goes on. */
-export async function resyncFromAForeignCursor(driver) {
+/**
+ * A cursor of another cluster: the client is told to resync, subscribes again from now and goes on; then, idle,
+ * its cursor moves with the checkpoints, and a client resuming from a checkpoint gets exactly what followed.
+ */
+export async function resyncFromAForeignCursor(driver, anotherDriver) {
   const { table, label } = await trackedTable();
   const token = await makeToken([label], true);
   await driver.start({ token, changes: { labels: [label], cursor: foreignCursor(await currentCursor()) } });
@@ -175,5 +178,17 @@ export async function resyncFromAForeignCursor(driver) {
   assert.deepEqual(s.resyncs[0].labels, [label]);
   assert.deepEqual(s.changes.map((c) => c.id), ["1"]);
   assert.deepEqual(s.errors, []);
+
+  // Idle: a checkpoint (5 to 10 s after the last change) moves the cursor past it.
+  await waitFor(async () => (await driver.state()).checkpoints.length > 0, { timeout: 12_000, what: "a checkpoint" });
+  const idle = await driver.state();
+  assert.equal(idle.cursor, idle.checkpoints.at(-1));
+  assert.notEqual(idle.cursor, idle.changes[0].cursor);
   await driver.close();
+  await sqlEach(inserts(table, 2, 3));
+  await anotherDriver.start({ token, changes: { labels: [label], cursor: idle.cursor } });
+  await waitFor(async () => (await anotherDriver.state()).changes.length >= 2, { what: "the changes after the checkpoint" });
+  await sleep(200);
+  assert.deepEqual((await anotherDriver.state()).changes.map((c) => c.id), ["2", "3"]);
+  await anotherDriver.close();
 }

@@ -49,7 +49,7 @@ export interface ChangeFeedOptions {
 }
 
 export interface RelayOptions {
-  /** `ws://host:port/ws`, or the endpoint's base `http(s)://host:port` (then `/ws` is used). */
+  /** `ws://host:port/ws`, or the endpoint's base `http(s)://host:port` (then `/ws` is used); in a page, may be relative. */
   url: string;
   /** A token from `changerelay.create_token()`; omit under `auth = trust`. Sent as `?token=`. */
   token?: string;
@@ -120,9 +120,9 @@ function keyOf(label: string, identifier: string | null): string {
   return identifier === null ? `${label}\u0000` : `${label}\u0000${identifier}`;
 }
 
-/** The WebSocket URL for `url` with the token in the query. */
+/** The WebSocket URL for `url` (in a page, relative to it) with the token in the query. */
 export function socketUrl(url: string, token?: string): string {
-  const u = new URL(url);
+  const u = new URL(url, (globalThis as { location?: { href: string } }).location?.href);
   if (u.protocol === "http:") u.protocol = "ws:";
   else if (u.protocol === "https:") u.protocol = "wss:";
   if (u.pathname === "" || u.pathname === "/") u.pathname = "/ws";

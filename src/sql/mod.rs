@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod cursors;
+mod ha_status;
 pub mod history;
 mod jsonb;
 pub mod metadata;

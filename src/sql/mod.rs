@@ -27,6 +27,18 @@ pub fn require_preloaded() {
     }
 }
 
+/// Errors on a hot standby: `what` writes, and a standby is read-only.
+pub fn require_primary(what: &str) {
+    if crate::ha::in_recovery() {
+        raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("cannot {what} on a standby"),
+            Some("A hot standby answers changes(), watch(), version(), versions(), version_map() and status() from the replicated history; everything that writes belongs on the primary.".into()),
+            "Run it on the primary.",
+        );
+    }
+}
+
 /// Runs a read-only query and returns the first column of its first row
 /// (`None` for no row or NULL). Unlike `Spi::get_one`, it never marks the
 /// transaction as writing, so it takes no transaction id.

@@ -61,9 +61,11 @@ pub fn prepare(slot: &str, installed: bool, pending: &mut PendingGap) -> Result<
             }
         }
         SlotAction::Create => {
+            warn_if_unrecordable(slot, installed);
             create(slot)?;
         }
         SlotAction::Replace => {
+            warn_if_unrecordable(slot, installed);
             drop_slot(slot)?;
             create(slot)?;
         }
@@ -80,6 +82,34 @@ pub fn prepare(slot: &str, installed: bool, pending: &mut PendingGap) -> Result<
         }
     }
     Ok(Opened { decoded_upto })
+}
+
+/// While the extension waits for `ALTER EXTENSION ... UPDATE`, its tables
+/// have the old shape and a gap can not be recorded: a slot lost then, with
+/// history already there, is only logged.
+fn warn_if_unrecordable(slot: &str, installed: bool) {
+    if installed {
+        return;
+    }
+    let had_history = try_transaction(|| {
+        let exists = select_one::<bool>("SELECT to_regclass('changerelay.history') IS NOT NULL", &[])
+            .map_err(|e| e.to_string())?
+            .unwrap_or(false);
+        if !exists {
+            return Ok(false);
+        }
+        select_one::<bool>("SELECT EXISTS (SELECT 1 FROM changerelay.history)", &[])
+            .map(|b| b.unwrap_or(false))
+            .map_err(|e| e.to_string())
+    })
+    .unwrap_or(false);
+    if had_history {
+        warning!(
+            "pg_changerelay relay: replication slot \"{slot}\" is missing or unusable while the extension waits for \
+             ALTER EXTENSION pg_changerelay UPDATE; changes since it was lost are missing from the history and \
+             clients' cursors can not tell: reload clients after the update"
+        );
+    }
 }
 
 /// Promoted since the history was last written, and the slot came along:

@@ -144,8 +144,16 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
 }
 
 /// Sleeps until the latch is set (a commit, a signal), the endpoint's wake
-/// socket is readable (a request) or `timeout` passes. False on SIGTERM.
+/// socket is readable (a request) or `timeout` passes. False on SIGTERM. A
+/// timeout under a millisecond (the latch's unit) is slept out first, then
+/// the latch and socket are looked at without waiting.
 fn wait(timeout: Duration, wake_fd: Option<std::os::fd::RawFd>) -> bool {
+    let timeout = if !timeout.is_zero() && timeout < Duration::from_millis(1) {
+        std::thread::sleep(timeout);
+        Duration::ZERO
+    } else {
+        timeout
+    };
     let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
     if wake_fd.is_some() {
         events |= pg_sys::WL_SOCKET_READABLE;

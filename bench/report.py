@@ -175,6 +175,16 @@ def markdown(res):
         ], ["---", "---:"]))
     if w.get("hostile", {}).get("resubscribe"):
         md.append(hostile_markdown(w["hostile"]))
+    if w.get("gate", {}).get("runs"):
+        d = w["gate"]
+        md.append(f"## Waiting for standbys (publish gate)\n\nCommit -> WebSocket latency at {d['target_rate']:,} "
+                  f"commits/s for {d['seconds_per_run']} s, the bench cluster alone and then as the primary of a "
+                  f"streaming standby on the same machine (bench/wl_gate.py).\n")
+        md.append(table(["configuration", "achieved", "delivered", "p50 ms", "p95 ms", "p99 ms", "max ms",
+                         "p50 x alone", "p99 x alone"],
+                        [(r["config"], f0(r["achieved_rate"]), f"{r['delivered']}/{r['commits']}", f2(r["p50_ms"]),
+                          f2(r["p95_ms"]), f2(r["p99_ms"]), f2(r["max_ms"]), f2(r.get("p50_ratio_to_no_standby")),
+                          f2(r.get("p99_ratio_to_no_standby"))) for r in d["runs"]]))
     md.append("Elapsed per workload: " + ", ".join(f"{k} {v.get('elapsed_s', 0):.0f} s" for k, v in w.items()) + "\n")
     return "\n".join(md)
 

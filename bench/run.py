@@ -23,6 +23,7 @@ import common  # noqa: E402
 import report  # noqa: E402
 import wl_decode  # noqa: E402
 import wl_fanout  # noqa: E402
+import wl_gate  # noqa: E402
 import wl_hostile  # noqa: E402
 import wl_latency  # noqa: E402
 import wl_memory  # noqa: E402
@@ -34,7 +35,7 @@ PGTOOL = os.path.join(ROOT, "scripts", "pgtool.sh")
 DATA_DIR = os.path.join(ROOT, "target", f"pg{PG}", "bench-cluster")
 EXTRA_CONF = "changerelay.max_clients = 4096\nmax_connections = 200"
 WORKLOADS = [("decoding", wl_decode), ("latency", wl_latency), ("overhead", wl_overhead),
-             ("fanout", wl_fanout), ("memory", wl_memory), ("hostile", wl_hostile)]
+             ("fanout", wl_fanout), ("memory", wl_memory), ("hostile", wl_hostile), ("gate", wl_gate)]
 
 
 def sh(*cmd, **kw):

@@ -6,7 +6,10 @@
 //! `changerelay.history` hands each row only to roles that can SELECT its
 //! table. `watch()` sleeps on the shared condition variable the worker
 //! broadcasts after each batch, and reads with a fresh snapshot each time it
-//! wakes (READ COMMITTED).
+//! wakes (READ COMMITTED). On a hot standby (no worker) both read the
+//! replicated history; `watch()` then looks at the replay position every
+//! 50 ms instead. With the publish gate on, readers see no event newer than
+//! what the worker published (what the standbys have).
 
 use crate::errors::raise;
 use crate::shmem;
@@ -53,15 +56,34 @@ ALTER TABLE changerelay.history_metadata ENABLE ROW LEVEL SECURITY;
 CREATE POLICY history_metadata_readable ON changerelay.history_metadata FOR SELECT
     USING (EXISTS (SELECT 1 FROM changerelay.history h WHERE h.event_id = history_metadata.event_id));
 -- event_id: history at or before (event_id, end of that transaction) has been
--- pruned. applied: the last transaction the relay worker applied; written in
--- the same transaction as its history, so a batch decoded again after a
--- crash is recognised and skipped instead of written twice.
+-- pruned (or lies before a gap, see history_gaps). applied: the last
+-- transaction the relay worker applied; written in the same transaction as its
+-- history, so a batch decoded again after a crash is recognised and skipped
+-- instead of written twice. decoded_upto: the WAL position decoding had
+-- reached at that write (the worker's slot is never confirmed beyond it; a
+-- slot that is, after a failover, consumed changes this history lacks);
+-- timeline: the timeline of that write (a promotion shows as a change).
 CREATE TABLE changerelay.history_horizon (
     one bool PRIMARY KEY DEFAULT true CHECK (one),
     event_id bigint NOT NULL,
-    applied bigint NOT NULL DEFAULT 0
+    applied bigint NOT NULL DEFAULT 0,
+    decoded_upto bigint,
+    timeline bigint
 );
-INSERT INTO changerelay.history_horizon VALUES (true, 0, 0);
+INSERT INTO changerelay.history_horizon VALUES (true, 0, 0, NULL, NULL);
+-- decoded_upto of idle steps (WAL with no tracked change): kept in a sequence,
+-- whose changes no logical decoding stream shows (only an empty transaction).
+CREATE SEQUENCE changerelay.decoded_mark MINVALUE 0 START 0;
+-- Gaps: the relay lost changes (its slot was dropped or invalidated, was
+-- confirmed beyond this history, or this server was promoted without it).
+-- Cursors before event_id get the error of the reason; see README, HA.
+CREATE TABLE changerelay.history_gaps (
+    event_id bigint PRIMARY KEY,
+    reason text NOT NULL,
+    detail text NOT NULL,
+    timeline bigint NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
 -- Transactions the relay worker could not apply, with their frames: the
 -- versions they touched were moved; their history is missing. Superusers
 -- only (the frames hold row data).
@@ -81,8 +103,9 @@ CREATE TABLE changerelay.dead_letter_frames (
     PRIMARY KEY (event_id, n)
 );
 REVOKE ALL ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon,
-              changerelay.dead_letters, changerelay.dead_letter_frames FROM PUBLIC;
-GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon TO PUBLIC;
+              changerelay.history_gaps, changerelay.dead_letters, changerelay.dead_letter_frames FROM PUBLIC;
+GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon,
+                changerelay.history_gaps, changerelay.decoded_mark TO PUBLIC;
 "#,
     name = "history_tables",
     requires = ["tracking_tables"]
@@ -123,6 +146,9 @@ pub struct Request {
     /// Stop once the rows read hold this many bytes of frames (at least one
     /// row is always returned).
     pub max_bytes: usize,
+    /// Read no event after this one (the publish gate: what the standbys
+    /// have); `None`: everything committed.
+    pub upto: Option<u64>,
 }
 
 fn request(
@@ -164,6 +190,7 @@ fn request(
         max_events,
         filter,
         max_bytes: usize::MAX,
+        upto: cursors::published_cap(),
     }
 }
 
@@ -212,7 +239,7 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     let read = (|| -> Result<(), String> {
         loop {
-            let (mut views, exhausted) = read_page(at, labels.as_deref(), page)?;
+            let (mut views, exhausted) = read_page(at, labels.as_deref(), page, req.upto)?;
             let got = views.len();
             if let Some(last) = views.last() {
                 at = (last.event_id, last.pos);
@@ -249,13 +276,21 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
 /// read on its own through the `(label, event_id, pos)` index (one query with
 /// `label = ANY(...)` would scan and sort every row of its labels after the
 /// cursor) and the labels are merged; without labels the primary key is read.
-fn read_page(at: (u64, u32), labels: Option<&[String]>, page: i64) -> Result<(Vec<ChangeView>, bool), String> {
+/// Rows after `at`, up to event `upto` when given (what the publish gate has
+/// released), at most `page` per label.
+fn read_page(
+    at: (u64, u32),
+    labels: Option<&[String]>,
+    page: i64,
+    upto: Option<u64>,
+) -> Result<(Vec<ChangeView>, bool), String> {
     const COLUMNS: &str = "SELECT h.event_id, h.pos, h.ts, h.relid, h.label, h.change, m.metadata::pg_catalog.text
            FROM changerelay.history h
            LEFT JOIN changerelay.history_metadata m ON m.event_id = h.event_id";
     let (event_id, pos) = (at.0.min(i64::MAX as u64) as i64, i64::from(at.1));
     let query = |sql: &str, label: Option<&str>| -> Result<Vec<ChangeView>, String> {
-        let mut args: Vec<DatumWithOid<'_>> = vec![event_id.into(), pos.into()];
+        let upto: Option<i64> = upto.map(|u| u.min(i64::MAX as u64) as i64);
+        let mut args: Vec<DatumWithOid<'_>> = vec![event_id.into(), pos.into(), upto.into()];
         if let Some(label) = label {
             args.push(label.into());
         }
@@ -276,7 +311,8 @@ fn read_page(at: (u64, u32), labels: Option<&[String]>, page: i64) -> Result<(Ve
         .map_err(|e| e.to_string())
     };
     let Some(labels) = labels else {
-        let sql = format!("{COLUMNS} WHERE (h.event_id, h.pos) > ($1, $2) ORDER BY h.event_id, h.pos LIMIT $3");
+        let sql = format!("{COLUMNS} WHERE (h.event_id, h.pos) > ($1, $2) AND ($3::pg_catalog.int8 IS NULL OR h.event_id <= $3)
+          ORDER BY h.event_id, h.pos LIMIT $4");
         let rows = query(&sql, None)?;
         let exhausted = (rows.len() as i64) < page;
         return Ok((rows, exhausted));
@@ -285,7 +321,8 @@ fn read_page(at: (u64, u32), labels: Option<&[String]>, page: i64) -> Result<(Ve
     // table analyzed (see `worker::Relay::maybe_analyze`): before that, the
     // planner guesses a few hundred rows and sorts them all.
     let sql = format!(
-        "{COLUMNS} WHERE h.label = $3 AND (h.event_id, h.pos) > ($1, $2) ORDER BY h.label, h.event_id, h.pos LIMIT $4"
+        "{COLUMNS} WHERE h.label = $4 AND (h.event_id, h.pos) > ($1, $2) AND ($3::pg_catalog.int8 IS NULL OR h.event_id <= $3)
+          ORDER BY h.label, h.event_id, h.pos LIMIT $5"
     );
     let mut merged = Vec::new();
     // Rows past the end of a label's full page may still be preceded by that
@@ -473,11 +510,19 @@ fn watch(
     };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms as u64);
     let cv = std::ptr::from_ref(&shared.cv).cast_mut();
+    let mut req = req;
     loop {
         let seen = shared.status.last_event_id.load(Ordering::Acquire);
+        req.upto = cursors::published_cap();
         let rows = fetch(&req);
         if !rows.is_empty() || Instant::now() >= deadline {
             return TableIterator::new(rows);
+        }
+        if crate::ha::in_recovery() {
+            // A standby has no relay worker to wake watchers: look again
+            // once replay has moved on.
+            wait_for_replay(deadline);
+            continue;
         }
         // Sleep until the worker applies another batch. Interrupts
         // (pg_cancel_backend, statement_timeout) are served inside the sleep
@@ -501,3 +546,35 @@ fn watch(
         }
     }
 }
+
+/// On a standby: sleeps until replay has moved past where it was (checked
+/// every [`STANDBY_POLL`]), `deadline`, or promotion.
+fn wait_for_replay(deadline: Instant) {
+    // SAFETY: reads the replay position from shared memory.
+    let replayed = unsafe { pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()) };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !crate::ha::in_recovery() {
+            return;
+        }
+        // SAFETY: waits on this backend's own latch; interrupts (cancel,
+        // statement_timeout) are served right after.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                left.min(STANDBY_POLL).as_millis().max(1) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+        // SAFETY: as above.
+        if unsafe { pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()) } != replayed {
+            return;
+        }
+    }
+}
+
+/// How often `watch()` on a standby looks at the replay position.
+const STANDBY_POLL: Duration = Duration::from_millis(50);

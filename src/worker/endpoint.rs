@@ -239,10 +239,11 @@ impl Link {
             return false;
         }
         if installed && (self.labels_stale || self.head.is_none()) {
-            let (labels, head) = BackgroundWorker::transaction(|| (load_labels(), cursors::current()));
+            let (labels, head) = BackgroundWorker::transaction(|| (load_labels(), cursors::current_now()));
             self.labels = labels;
             self.labels_generation += 1;
-            self.head = Some(head);
+            // None until the publish gate knows what the standbys have.
+            self.head = head.or(self.head);
             self.labels_stale = false;
         }
         self.refresh_tokens(installed);
@@ -443,6 +444,8 @@ fn read_history(
             CursorProblem::Malformed(_) => ep::ReplyErrorKind::Malformed,
             CursorProblem::Foreign { .. } => ep::ReplyErrorKind::Foreign,
             CursorProblem::Expired { .. } | CursorProblem::Ahead => ep::ReplyErrorKind::Expired,
+            CursorProblem::Gap { .. } => ep::ReplyErrorKind::Gap,
+            CursorProblem::Diverged { .. } => ep::ReplyErrorKind::Diverged,
         };
         ep::ReplyError {
             kind,
@@ -468,6 +471,7 @@ fn read_history(
         max_events: max as i32,
         filter,
         max_bytes: max_bytes.max(1) as usize,
+        upto: cursors::published_cap(),
     };
     let rows = history::read_rows(&req).map_err(|e| internal(&e))?;
     let bytes: usize = rows.iter().map(history::text_bytes).sum();
@@ -475,7 +479,9 @@ fn read_history(
     let (system_id, timeline) = cursors::cluster();
     let head = match rows.last() {
         Some(r) if more => history::cursor_after(r).encode(),
-        _ => cursors::current().encode(),
+        // Before the publish gate knows what the standbys have (just after a
+        // server start), nothing was read: the read point is `since`.
+        _ => cursors::current_now().unwrap_or(after).encode(),
     };
     let rows = rows.into_iter().map(|v| change_row(v, system_id, timeline)).collect();
     Ok(ep::Reply::History { rows, head, more })

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything pg_changerelay needs to build, test and run, skipping
-# what is already there: Debian packages (the brokers the sink tests use among them), cargo-pgrx 0.18.0, `cargo pgrx init`
-# against the system pg_config, and a Python virtualenv for the test clients.
+# what is already there: Debian packages (Chromium for the browser tests and
+# the brokers the sink tests use among them), cargo-pgrx 0.18.0, `cargo pgrx
+# init` against the system pg_config, a Python virtualenv for the test
+# clients, and the JavaScript client's npm packages (TypeScript,
+# playwright-core) from its lockfile.
 #
 # PG=17 or PG=18 (default 15, the host's own PostgreSQL) also builds that
 # major's Debian root (scripts/root.sh: debootstrap, packages) once and runs
@@ -13,7 +16,7 @@ PG=${PG:-15}
 PG_MAJOR=15  # the host's: its clients (psql), and a server for cross-major checks
 PGRX_VERSION=0.18.0
 PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib libclang-dev clang sudo
-          postgresql-$PG_MAJOR-wal2json python3-venv curl redis-server nats-server)
+          postgresql-$PG_MAJOR-wal2json python3-venv curl chromium redis-server nats-server)
 [ "$PG" = 15 ] || PACKAGES+=(debootstrap)
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
@@ -55,6 +58,14 @@ if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, websocket
   log "creating .venv with the test clients"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+fi
+# clients/js: exactly the lockfile's packages. playwright-core drives Debian's
+# chromium (/usr/bin/chromium); no browser is ever downloaded.
+JS=clients/js
+if [ ! -x "$JS/node_modules/.bin/tsc" ] || [ "$JS/package-lock.json" -nt "$JS/node_modules/.package-lock.json" ]; then
+  command -v npm >/dev/null || { echo "[setup] error: Node 20 and npm are needed for clients/js" >&2; exit 1; }
+  log "installing the npm packages of $JS (npm ci)"
+  (cd "$JS" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
 fi
 if [ "$PG" != 15 ]; then
   scripts/root.sh ensure "$PG"

@@ -284,3 +284,18 @@ GRANT EXECUTE ON FUNCTION changerelay.sinks() TO changerelay_admin;
 REVOKE EXECUTE ON FUNCTION changerelay.sinks_changed() FROM PUBLIC;
 CREATE TRIGGER sinks_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON changerelay.sinks
     FOR EACH STATEMENT EXECUTE FUNCTION changerelay.sinks_changed();
+
+-- Failover (README: High availability): how far decoding had reached and on
+-- which timeline when history was last written (unknown until the 0.2.0
+-- worker's first write), and the gaps it made explicit.
+ALTER TABLE changerelay.history_horizon ADD COLUMN decoded_upto bigint, ADD COLUMN timeline bigint;
+CREATE SEQUENCE changerelay.decoded_mark MINVALUE 0 START 0;
+CREATE TABLE changerelay.history_gaps (
+    event_id bigint PRIMARY KEY,
+    reason text NOT NULL,
+    detail text NOT NULL,
+    timeline bigint NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON changerelay.history_gaps, changerelay.decoded_mark FROM PUBLIC;
+GRANT SELECT ON changerelay.history_gaps, changerelay.decoded_mark TO PUBLIC;

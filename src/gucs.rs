@@ -27,6 +27,8 @@
 //! | `changerelay.allow_plaintext_tokens` | off | postmaster |
 //! | `changerelay.allowed_origins` | '' | postmaster |
 //! | `changerelay.allowed_hosts` | '' | postmaster |
+//! | `changerelay.standby_slots` | '' (17+: synchronized_standby_slots) | sighup |
+//! | `changerelay.publish_gate` | on | sighup |
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
@@ -43,6 +45,8 @@ pub static MAX_CONSUMER_LAG_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 8640
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static DECODING_WORK_MEM_KB: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+pub static STANDBY_SLOTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static PUBLISH_GATE: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Debug builds only: see [`debug_fail_label`].
 #[cfg(debug_assertions)]
 static DEBUG_FAIL_LABEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -152,6 +156,22 @@ pub fn define(preloading: bool) {
         600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"changerelay.standby_slots",
+        c"Physical slots of the standbys that must have the relay's history before its slot is confirmed (and, with publish_gate, before clients see it).",
+        c"Comma-separated names. Empty: synchronized_standby_slots (PostgreSQL 17 and later), else none. A slot that is missing or invalidated holds everything back (see status()->'ha').",
+        &STANDBY_SLOTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"changerelay.publish_gate",
+        c"Publish a batch to clients only after its history reached the standby slots.",
+        c"Off: clients see changes as soon as they are committed here; after a failover to an asynchronous standby they may then have seen changes the new primary lacks (they get a resync error). Without standby slots it has no effect.",
+        &PUBLISH_GATE,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     #[cfg(debug_assertions)]
     GucRegistry::define_string_guc(
@@ -391,6 +411,15 @@ pub fn debug_fail_label() -> Option<String> {
 /// `changerelay.decoding_work_mem`, as a setting value in kB.
 pub fn decoding_work_mem_kb() -> i32 {
     DECODING_WORK_MEM_KB.get().max(64)
+}
+
+/// `changerelay.standby_slots` as written (see `crate::ha::standby_slot_names`).
+pub fn standby_slots() -> String {
+    string(&STANDBY_SLOTS, "")
+}
+
+pub fn publish_gate() -> bool {
+    PUBLISH_GATE.get()
 }
 
 pub fn request_timeout() -> std::time::Duration {

@@ -11,6 +11,8 @@ pub mod binary;
 pub mod cursor;
 pub mod event;
 pub mod filter;
+pub mod gate;
+pub mod ha;
 pub mod history;
 pub mod json;
 pub mod lsn;
@@ -19,6 +21,7 @@ pub mod options;
 pub mod tables;
 pub mod thread;
 pub mod time;
+pub mod timeline;
 pub mod versions;
 
 pub use event::{Change, Column, Commit, Event, Message, Op, Row, Scalar, Tracking, TxnHeader, Value};

@@ -14,6 +14,7 @@ mod auth;
 mod batch;
 mod config;
 mod connection;
+mod dashboard;
 mod fanout;
 mod feed;
 mod hub;

@@ -191,7 +191,8 @@ fn read(c: &Consumer, after: Position, upto: Option<Position>, max: i32) -> (Vec
         max_events: max,
         filter: c.filter.clone(),
         max_bytes: usize::MAX,
-        upto,
+        upto: cursors::published_cap(),
+        until: upto,
     };
     match as_role(c.creator, || history::read_page(&req)) {
         Ok((rows, at)) => (rows.into_iter().map(tuple).collect(), at),

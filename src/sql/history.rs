@@ -6,7 +6,10 @@
 //! `changerelay.history` hands each row only to roles that can SELECT its
 //! table. `watch()` sleeps on the shared condition variable the worker
 //! broadcasts after each batch, and reads with a fresh snapshot each time it
-//! wakes (READ COMMITTED).
+//! wakes (READ COMMITTED). On a hot standby (no worker) both read the
+//! replicated history; `watch()` then looks at the replay position every
+//! 50 ms instead. With the publish gate on, readers see no event newer than
+//! what the worker published (what the standbys have).
 
 use crate::errors::raise;
 use crate::shmem;
@@ -53,15 +56,34 @@ ALTER TABLE changerelay.history_metadata ENABLE ROW LEVEL SECURITY;
 CREATE POLICY history_metadata_readable ON changerelay.history_metadata FOR SELECT
     USING (EXISTS (SELECT 1 FROM changerelay.history h WHERE h.event_id = history_metadata.event_id));
 -- event_id: history at or before (event_id, end of that transaction) has been
--- pruned. applied: the last transaction the relay worker applied; written in
--- the same transaction as its history, so a batch decoded again after a
--- crash is recognised and skipped instead of written twice.
+-- pruned (or lies before a gap, see history_gaps). applied: the last
+-- transaction the relay worker applied; written in the same transaction as its
+-- history, so a batch decoded again after a crash is recognised and skipped
+-- instead of written twice. decoded_upto: the WAL position decoding had
+-- reached at that write (the worker's slot is never confirmed beyond it; a
+-- slot that is, after a failover, consumed changes this history lacks);
+-- timeline: the timeline of that write (a promotion shows as a change).
 CREATE TABLE changerelay.history_horizon (
     one bool PRIMARY KEY DEFAULT true CHECK (one),
     event_id bigint NOT NULL,
-    applied bigint NOT NULL DEFAULT 0
+    applied bigint NOT NULL DEFAULT 0,
+    decoded_upto bigint,
+    timeline bigint
 );
-INSERT INTO changerelay.history_horizon VALUES (true, 0, 0);
+INSERT INTO changerelay.history_horizon VALUES (true, 0, 0, NULL, NULL);
+-- decoded_upto of idle steps (WAL with no tracked change): kept in a sequence,
+-- whose changes no logical decoding stream shows (only an empty transaction).
+CREATE SEQUENCE changerelay.decoded_mark MINVALUE 0 START 0;
+-- Gaps: the relay lost changes (its slot was dropped or invalidated, was
+-- confirmed beyond this history, or this server was promoted without it).
+-- Cursors before event_id get the error of the reason; see README, HA.
+CREATE TABLE changerelay.history_gaps (
+    event_id bigint PRIMARY KEY,
+    reason text NOT NULL,
+    detail text NOT NULL,
+    timeline bigint NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
 -- Transactions the relay worker could not apply, with their frames: the
 -- versions they touched were moved; their history is missing. Superusers
 -- only (the frames hold row data).
@@ -81,8 +103,9 @@ CREATE TABLE changerelay.dead_letter_frames (
     PRIMARY KEY (event_id, n)
 );
 REVOKE ALL ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon,
-              changerelay.dead_letters, changerelay.dead_letter_frames FROM PUBLIC;
-GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon TO PUBLIC;
+              changerelay.history_gaps, changerelay.dead_letters, changerelay.dead_letter_frames FROM PUBLIC;
+GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon,
+                changerelay.history_gaps, changerelay.decoded_mark TO PUBLIC;
 "#,
     name = "history_tables",
     requires = ["tracking_tables"]
@@ -123,8 +146,11 @@ pub struct Request {
     /// Stop once the rows read hold this many bytes of frames (at least one
     /// row is always returned).
     pub max_bytes: usize,
+    /// Read no event after this one (the publish gate: what the standbys
+    /// have); `None`: everything committed.
+    pub upto: Option<u64>,
     /// Read no row after this position (a consumer's lease).
-    pub upto: Option<(u64, u32)>,
+    pub until: Option<(u64, u32)>,
 }
 
 fn request(
@@ -166,7 +192,7 @@ fn request(
         max_events,
         filter,
         max_bytes: usize::MAX,
-        upto: None,
+        upto: cursors::published_cap(),
     }
 }
 
@@ -205,13 +231,11 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
 /// read). Rows become visible in history order, so nothing can appear at or
 /// before that position later.
 pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, (u64, u32)), String> {
-    const SQL: &str = "SELECT h.event_id, h.pos, h.ts, h.relid, h.label, h.change, m.metadata::pg_catalog.text
-           FROM changerelay.history h
-           LEFT JOIN changerelay.history_metadata m ON m.event_id = h.event_id
-          WHERE (h.event_id, h.pos) > ($1, $2) AND ($3::pg_catalog.text[] IS NULL OR h.label = ANY ($3))
-            AND (h.event_id, h.pos) <= ($5, $6)
-          ORDER BY h.event_id, h.pos LIMIT $4";
-    let upto = req.upto.unwrap_or((i64::MAX as u64, i32::MAX as u32));
+    // The publish gate caps whole events; a lease caps a position.
+    let mut bound = (req.upto.unwrap_or(u64::MAX), u32::MAX);
+    if let Some(until) = req.until {
+        bound = bound.min(until);
+    }
     let want = req.max_events.max(1) as usize;
     let page = if req.filter.is_some() {
         FILTERED_PAGE.max(want as i64)
@@ -221,32 +245,17 @@ pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, (u64, u32)), String>
     let mut out = Vec::new();
     let mut bytes = 0usize;
     let mut at = req.after.position();
+    let labels: Option<Vec<String>> = req.labels.as_ref().map(|l| {
+        let mut l = l.clone();
+        l.sort();
+        l.dedup();
+        l
+    });
     // SAFETY: a fresh snapshot for this read only, popped right after.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     let read = (|| -> Result<(), String> {
         loop {
-            let args: Vec<DatumWithOid<'_>> = vec![
-                (at.0.min(i64::MAX as u64) as i64).into(),
-                (at.1 as i64).into(),
-                req.labels.clone().into(),
-                page.into(),
-                (upto.0.min(i64::MAX as u64) as i64).into(),
-                (upto.1.min(i32::MAX as u32) as i32).into(),
-            ];
-            let mut views = crate::sql::select_all(SQL, &args, |r| {
-                let row = HistoryRow {
-                    event_id: r.get::<i64>(1)?.unwrap_or(0) as u64,
-                    pos: r.get::<i32>(2)?.unwrap_or(0) as u32,
-                    ts: r.get::<i64>(3)?.unwrap_or(0),
-                    relid: r.get::<pg_sys::Oid>(4)?.map_or(0, |o| o.to_u32()),
-                    label: r.get::<String>(5)?.unwrap_or_default(),
-                    frame: r.get::<Vec<u8>>(6)?.unwrap_or_default(),
-                };
-                let mut view = view_or_marker(&row);
-                view.metadata = r.get::<String>(7)?;
-                Ok(view)
-            })
-            .map_err(|e| e.to_string())?;
+            let (mut views, exhausted) = read_labels_page(at, labels.as_deref(), page, bound)?;
             let got = views.len();
             if let Some(last) = views.last() {
                 at = (last.event_id, last.pos);
@@ -264,7 +273,7 @@ pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, (u64, u32)), String>
                     return Ok(());
                 }
             }
-            if (got as i64) < page {
+            if exhausted || got == 0 {
                 return Ok(());
             }
         }
@@ -278,6 +287,80 @@ pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, (u64, u32)), String>
     not_expired(&req.after).map_err(|p| p.message())?;
     read.map_err(|e| format!("could not read history: {e}"))?;
     Ok((out, at))
+}
+
+/// The history rows after `at`, in commit order, at most `page` of them (of
+/// each label), and whether nothing more follows them now. Each label is
+/// read on its own through the `(label, event_id, pos)` index (one query with
+/// `label = ANY(...)` would scan and sort every row of its labels after the
+/// cursor) and the labels are merged; without labels the primary key is read.
+/// No row after `bound` is read (what the publish gate has released, the end
+/// of a consumer's lease).
+fn read_labels_page(
+    at: (u64, u32),
+    labels: Option<&[String]>,
+    page: i64,
+    bound: (u64, u32),
+) -> Result<(Vec<ChangeView>, bool), String> {
+    const COLUMNS: &str = "SELECT h.event_id, h.pos, h.ts, h.relid, h.label, h.change, m.metadata::pg_catalog.text
+           FROM changerelay.history h
+           LEFT JOIN changerelay.history_metadata m ON m.event_id = h.event_id";
+    let (event_id, pos) = (at.0.min(i64::MAX as u64) as i64, i64::from(at.1));
+    let query = |sql: &str, label: Option<&str>| -> Result<Vec<ChangeView>, String> {
+        let (bound_event, bound_pos) = (bound.0.min(i64::MAX as u64) as i64, i64::from(bound.1));
+        let mut args: Vec<DatumWithOid<'_>> = vec![event_id.into(), pos.into(), bound_event.into(), bound_pos.into()];
+        if let Some(label) = label {
+            args.push(label.into());
+        }
+        args.push(page.into());
+        crate::sql::select_all(sql, &args, |r| {
+            let row = HistoryRow {
+                event_id: r.get::<i64>(1)?.unwrap_or(0) as u64,
+                pos: r.get::<i32>(2)?.unwrap_or(0) as u32,
+                ts: r.get::<i64>(3)?.unwrap_or(0),
+                relid: r.get::<pg_sys::Oid>(4)?.map_or(0, |o| o.to_u32()),
+                label: r.get::<String>(5)?.unwrap_or_default(),
+                frame: r.get::<Vec<u8>>(6)?.unwrap_or_default(),
+            };
+            let mut view = view_or_marker(&row);
+            view.metadata = r.get::<String>(7)?;
+            Ok(view)
+        })
+        .map_err(|e| e.to_string())
+    };
+    let Some(labels) = labels else {
+        let sql = format!("{COLUMNS} WHERE (h.event_id, h.pos) > ($1, $2) AND (h.event_id, h.pos) <= ($3, $4)
+          ORDER BY h.event_id, h.pos LIMIT $5");
+        let rows = query(&sql, None)?;
+        let exhausted = (rows.len() as i64) < page;
+        return Ok((rows, exhausted));
+    };
+    // Ordered like the index (the label is fixed). The worker keeps the
+    // table analyzed (see `worker::Relay::maybe_analyze`): before that, the
+    // planner guesses a few hundred rows and sorts them all.
+    let sql = format!(
+        "{COLUMNS} WHERE h.label = $5 AND (h.event_id, h.pos) > ($1, $2) AND (h.event_id, h.pos) <= ($3, $4)
+          ORDER BY h.label, h.event_id, h.pos LIMIT $6"
+    );
+    let mut merged = Vec::new();
+    // Rows past the end of a label's full page may still be preceded by that
+    // label's next page: only rows up to the lowest such end are in order.
+    let mut end_of_pages: Option<(u64, u32)> = None;
+    for label in labels {
+        let rows = query(&sql, Some(label))?;
+        if rows.len() as i64 >= page {
+            if let Some(last) = rows.last() {
+                let end = (last.event_id, last.pos);
+                end_of_pages = Some(end_of_pages.map_or(end, |b| b.min(end)));
+            }
+        }
+        merged.extend(rows);
+    }
+    merged.sort_by_key(|v| (v.event_id, v.pos));
+    if let Some(b) = end_of_pages {
+        merged.retain(|v| (v.event_id, v.pos) <= b);
+    }
+    Ok((merged, end_of_pages.is_none()))
 }
 
 /// The row as readers see it; a frame that can not be decoded (damaged
@@ -445,11 +528,19 @@ fn watch(
     };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms as u64);
     let cv = std::ptr::from_ref(&shared.cv).cast_mut();
+    let mut req = req;
     loop {
         let seen = shared.status.last_event_id.load(Ordering::Acquire);
+        req.upto = cursors::published_cap();
         let rows = fetch(&req);
         if !rows.is_empty() || Instant::now() >= deadline {
             return TableIterator::new(rows);
+        }
+        if crate::ha::in_recovery() {
+            // A standby has no relay worker to wake watchers: look again
+            // once replay has moved on.
+            wait_for_replay(deadline);
+            continue;
         }
         // Sleep until the worker applies another batch. Interrupts
         // (pg_cancel_backend, statement_timeout) are served inside the sleep
@@ -473,3 +564,35 @@ fn watch(
         }
     }
 }
+
+/// On a standby: sleeps until replay has moved past where it was (checked
+/// every [`STANDBY_POLL`]), `deadline`, or promotion.
+fn wait_for_replay(deadline: Instant) {
+    // SAFETY: reads the replay position from shared memory.
+    let replayed = unsafe { pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()) };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !crate::ha::in_recovery() {
+            return;
+        }
+        // SAFETY: waits on this backend's own latch; interrupts (cancel,
+        // statement_timeout) are served right after.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                left.min(STANDBY_POLL).as_millis().max(1) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+        // SAFETY: as above.
+        if unsafe { pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()) } != replayed {
+            return;
+        }
+    }
+}
+
+/// How often `watch()` on a standby looks at the replay position.
+const STANDBY_POLL: Duration = Duration::from_millis(50);

@@ -3,6 +3,7 @@
 pub mod access;
 pub mod consumers;
 pub mod cursors;
+mod ha_status;
 pub mod history;
 pub mod jsonb;
 pub mod metadata;
@@ -24,6 +25,18 @@ pub fn require_preloaded() {
             "pg_changerelay must be loaded via shared_preload_libraries",
             Some("The relay worker and its shared-memory version map are set up when the server starts.".into()),
             "Add pg_changerelay to shared_preload_libraries in postgresql.conf and restart the server.",
+        );
+    }
+}
+
+/// Errors on a hot standby: `what` writes, and a standby is read-only.
+pub fn require_primary(what: &str) {
+    if crate::ha::in_recovery() {
+        raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("cannot {what} on a standby"),
+            Some("A hot standby answers changes(), watch(), version(), versions(), version_map() and status() from the replicated history; everything that writes belongs on the primary.".into()),
+            "Run it on the primary.",
         );
     }
 }

@@ -128,6 +128,7 @@ fn new_secret() -> String {
 #[pg_extern(volatile)]
 fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) -> String {
     require_preloaded();
+    crate::sql::require_primary("create a token");
     require_admin("tokens");
     check_name("token name", name);
     if labels.is_empty() {
@@ -216,6 +217,7 @@ fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) ->
 #[pg_extern(volatile)]
 fn revoke_token(name: &str) {
     require_preloaded();
+    crate::sql::require_primary("revoke a token");
     require_admin("tokens");
     let deleted = access::as_role(access::extension_owner(), || {
         Spi::connect_mut(|c| {

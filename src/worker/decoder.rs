@@ -119,6 +119,12 @@ impl Decoder {
         }
     }
 
+    /// Where decoding has read up to.
+    pub fn position(&self) -> u64 {
+        // SAFETY: the reader belongs to the context this decoder owns.
+        unsafe { (*(*self.ctx).reader).EndRecPtr }
+    }
+
     /// The slot's confirmed position.
     pub fn confirmed(&self) -> u64 {
         // SAFETY: the slot is acquired by this process for the decoder's life.

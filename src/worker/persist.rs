@@ -1,5 +1,6 @@
-//! Writing a batch: history, metadata, versions and the applied mark in one
-//! transaction, streamed in chunks so no batch is ever held whole.
+//! Writing a batch: history, metadata, versions, the applied mark and how
+//! far decoding reached in one transaction, streamed in chunks so no batch
+//! is ever held whole.
 //!
 //! History rows hold the plugin's binary frames (bytea): nothing is parsed
 //! or cast on the way in, so no value a table can hold makes the write fail.
@@ -17,6 +18,7 @@
 //! versions it touches move, so caches reload; the relay goes on.
 
 use super::frames::{FrameBuffer, Span};
+use crate::sql::select_one;
 use crate::txn::try_transaction;
 use changerelay_core::apply::VersionUpdates;
 use changerelay_core::binary;
@@ -61,7 +63,8 @@ const HISTORY: &str = "INSERT INTO changerelay.history (event_id, pos, ts, relid
 const METADATA: &str = "INSERT INTO changerelay.history_metadata (event_id, metadata)
      SELECT e, m::pg_catalog.json
        FROM unnest($1::pg_catalog.int8[], $2::pg_catalog.text[]) AS u(e, m)";
-const HORIZON: &str = "UPDATE changerelay.history_horizon SET applied = $1";
+const HORIZON: &str = "UPDATE changerelay.history_horizon
+     SET applied = greatest(applied, $1), decoded_upto = greatest(coalesce(decoded_upto, 0), $2), timeline = $3";
 const DEAD_LETTER: &str = "INSERT INTO changerelay.dead_letters (event_id, xid, labels, error, frames, bytes)
      VALUES ($1, $2, $3, $4, $5, $6)";
 const DEAD_LETTER_FRAMES: &str = "INSERT INTO changerelay.dead_letter_frames (event_id, n, frame)
@@ -92,7 +95,7 @@ impl Statements {
             rows: c.prepare_mut(ROWS, &oids(&[TS, TS, I8S, I8S]))?.keep(),
             history: c.prepare_mut(HISTORY, &oids(&[I8S, I4S, I8S, OS, TS, BS]))?.keep(),
             metadata: c.prepare_mut(METADATA, &oids(&[I8S, TS]))?.keep(),
-            horizon: c.prepare_mut(HORIZON, &oids(&[I8]))?.keep(),
+            horizon: c.prepare_mut(HORIZON, &oids(&[I8, I8, I8]))?.keep(),
         })
     }
 }
@@ -121,9 +124,11 @@ pub struct Persister {
 }
 
 impl Persister {
-    /// Applies the frames of `spans` in one transaction and commits it.
-    /// A Postgres error rolls everything back and is returned as text.
-    pub fn apply(&mut self, frames: &mut FrameBuffer, spans: &[Span]) -> Result<Applied, String> {
+    /// Applies the frames of `spans` in one transaction and commits it,
+    /// recording that decoding reached `upto` (`None`: the end of the last
+    /// frame). A Postgres error rolls everything back and is returned as
+    /// text.
+    pub fn apply(&mut self, frames: &mut FrameBuffer, spans: &[Span], upto: Option<u64>) -> Result<Applied, String> {
         let statements = &mut self.statements;
         try_transaction(|| {
             if statements.is_none() {
@@ -132,7 +137,7 @@ impl Persister {
             let Some(st) = statements.as_ref() else {
                 return Err("statements not prepared".to_string());
             };
-            write_batch(st, frames, spans)
+            write_batch(st, frames, spans, upto)
         })
     }
 
@@ -141,7 +146,13 @@ impl Persister {
     /// every label it touches moved (its floor too, so every cached row
     /// reloads), and the applied mark moved past it. Returns the versions
     /// moved, to apply to shared memory.
-    pub fn dead_letter(&mut self, frames: &mut FrameBuffer, span: &Span, error: &str) -> Result<Applied, String> {
+    pub fn dead_letter(
+        &mut self,
+        frames: &mut FrameBuffer,
+        span: &Span,
+        error: &str,
+        upto: Option<u64>,
+    ) -> Result<Applied, String> {
         let statements = &mut self.statements;
         try_transaction(|| {
             let mut updates = VersionUpdates::with_row_limit(0);
@@ -150,10 +161,12 @@ impl Persister {
             let (mut n, mut bytes, mut first_lsn) = (0i32, 0i64, 0u64);
             let mut undecodable = None;
             let mut event_id = None;
+            let mut last_lsn = 0;
             frames.for_each(std::slice::from_ref(span), |lsn, frame| -> Result<(), String> {
                 if first_lsn == 0 {
                     first_lsn = lsn;
                 }
+                last_lsn = lsn;
                 match binary::read_event(frame) {
                     Ok(event) => {
                         if let Event::Begin(h) | Event::Commit(changerelay_core::event::Commit { txn: h, .. }) = &event
@@ -210,7 +223,7 @@ impl Persister {
             let Some(st) = statements.as_ref() else {
                 return Err("statements not prepared".to_string());
             };
-            write_versions(st, &updates, event_id)?;
+            write_versions(st, &updates, event_id, upto.unwrap_or(last_lsn))?;
             Ok(Applied {
                 updates,
                 fresh: Some(Fresh::default()),
@@ -240,7 +253,12 @@ fn insert_dead_frames(event_id: i64, n: i32, chunk: &mut Vec<Vec<u8>>) -> Result
 }
 
 /// The body of [`Persister::apply`], inside its transaction.
-fn write_batch(st: &Statements, frames: &mut FrameBuffer, spans: &[Span]) -> Result<Applied, String> {
+fn write_batch(
+    st: &Statements,
+    frames: &mut FrameBuffer,
+    spans: &[Span],
+    upto: Option<u64>,
+) -> Result<Applied, String> {
     let applied = Spi::connect(|c| {
         c.select(&st.applied, Some(1), &[])?
             .first()
@@ -250,7 +268,9 @@ fn write_batch(st: &Statements, frames: &mut FrameBuffer, spans: &[Span]) -> Res
     .map_err(|e| e.to_string())?;
     let mut updates = VersionUpdates::with_row_limit(ROW_LIMIT);
     let mut publish = Publish::default();
+    let mut last_lsn = 0;
     frames.for_each(spans, |lsn, frame| -> Result<(), String> {
+        last_lsn = lsn;
         let event =
             binary::read_event(frame).map_err(|e| format!("undecodable frame at {}: {e}", lsn_to_string(lsn)))?;
         updates.add(&event, frame);
@@ -264,7 +284,7 @@ fn write_batch(st: &Statements, frames: &mut FrameBuffer, spans: &[Span]) -> Res
     }
     flush(st, &mut updates, applied, &mut publish)?;
     let through = updates.last_commit.map_or(0, |c| c.event_id as i64);
-    write_versions(st, &updates, through)?;
+    write_versions(st, &updates, through, upto.unwrap_or(last_lsn))?;
     Ok(Applied {
         updates,
         fresh: publish.rows,
@@ -336,8 +356,9 @@ fn flush(st: &Statements, updates: &mut VersionUpdates, applied: i64, publish: &
     Ok(())
 }
 
-/// Writes the batch's versions and moves the applied mark to `through`.
-fn write_versions(st: &Statements, u: &VersionUpdates, through: i64) -> Result<(), String> {
+/// Writes the batch's versions, moves the applied mark to `through` and
+/// records that decoding reached `upto` (on this timeline).
+fn write_versions(st: &Statements, u: &VersionUpdates, through: i64, upto: u64) -> Result<(), String> {
     Spi::connect_mut(|c| {
         let mut labels: Vec<&str> = Vec::new();
         let (mut lv, mut lts, mut fv, mut fts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -371,14 +392,16 @@ fn write_versions(st: &Statements, u: &VersionUpdates, through: i64) -> Result<(
             }
             c.update(&st.rows, None, &[rl.into(), ri.into(), rv.into(), rts.into()])?;
         }
-        let applied = c
-            .select(&st.applied, Some(1), &[])?
-            .first()
-            .get_one::<i64>()?
-            .unwrap_or(0);
-        if through > applied {
-            c.update(&st.horizon, None, &[through.into()])?;
-        }
+        let timeline = i64::from(crate::ha::current_timeline());
+        c.update(
+            &st.horizon,
+            None,
+            &[
+                through.into(),
+                (upto.min(i64::MAX as u64) as i64).into(),
+                timeline.into(),
+            ],
+        )?;
         Ok::<_, pgrx::spi::Error>(())
     })
     .map_err(|e| e.to_string())
@@ -393,4 +416,20 @@ fn fail_if_asked(rows: &[HistoryRow]) -> Result<(), String> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Records that decoding reached `upto` with nothing to write (the WAL since
+/// the last write held no tracked change), so the slot may be confirmed
+/// there: it never is beyond what the history says it covers. The mark is a
+/// sequence value (`changerelay.decoded_mark`): physically replicated like
+/// the history, but no change in any logical decoding stream.
+pub fn mark_decoded(upto: u64) -> Result<(), String> {
+    try_transaction(|| {
+        select_one::<i64>(
+            "SELECT pg_catalog.setval('changerelay.decoded_mark', $1)",
+            &[(upto.min(i64::MAX as u64) as i64).into()],
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    })
 }

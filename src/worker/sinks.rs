@@ -381,13 +381,20 @@ fn read_page(labels: &[String], after: sk::Position, max: u32) -> Result<Page, P
         max_events: max as i32,
         filter: None,
         max_bytes: READ_BYTES,
-        upto: None,
+        // The publish gate: a sink is a client like any other.
+        upto: cursors::published_cap(),
+        until: None,
     };
     let (views, _) = history::read_page(&req).map_err(PageError::Failed)?;
     let more = views.len() as u32 >= max || views.iter().map(history::text_bytes).sum::<usize>() >= READ_BYTES;
     let head = match views.last() {
         Some(v) if more => (v.event_id, v.pos),
-        _ => (cursors::current().event_id, sk::END),
+        // Everything up to what readers may see was read (the worker, which
+        // alone writes the history and moves the gate, is answering this).
+        _ => match cursors::current_now() {
+            Some(now) => (now.event_id, sk::END),
+            None => views.last().map_or(after, |v| (v.event_id, v.pos)),
+        },
     };
     let rows = views
         .into_iter()

@@ -5,14 +5,16 @@
 # roots (scripts/root.sh, made once per machine by `make setup PG=NN`); the
 # tests and clients run on the host and reach their servers over 127.0.0.1.
 #
-#   make test             every tier on 15, 17 and 18 in turn (what CI runs)
+#   make test             every tier on 15, 17 and 18 in turn, then the client
+#                         libraries and the dashboard once, on 15 (what CI runs)
 #   make test PG=17       every tier on one major
 #   make run PG=18        the demo on an 18 cluster; make stop PG=18
 #
 # Ports derive from one base per major, PGCR_PORT (15: 5498, 17: 5700,
 # 18: 5800): the test cluster is PGCR_PORT, `make run`'s PGCR_PORT+1, the
 # bench's PGCR_PORT-11, the tests' extra clusters PGCR_PORT-2 ... -9
-# (tests/integration/conftest.py), and every cluster's endpoint its port+1000.
+# (tests/integration/conftest.py), the client tests' PGCR_PORT-10 (and their
+# page server its port+2000), and every cluster's endpoint its port+1000.
 # Set PGCR_PORT to run two majors (or two people) side by side.
 
 # `make test` with no PG given anywhere runs every major.
@@ -31,6 +33,7 @@ PORT_BASE_18 := 5800
 PGCR_PORT   ?= $(PORT_BASE_$(PG))
 RUN_PORT    ?= $(shell echo $$(($(PGCR_PORT) + 1)))
 BENCH_PORT  ?= $(shell echo $$(($(PGCR_PORT) - 11)))
+CLIENTS_PORT ?= $(shell echo $$(($(PGCR_PORT) - 10)))
 
 # Paths below are the same on the host and inside a root (the project tree
 # is mounted at its own path there). Each major has its own cargo target
@@ -45,6 +48,7 @@ HOST_CARGO  := env CARGO_TARGET_DIR=$(CURDIR)/target/pg15 cargo
 FEATURES    := --no-default-features --features pg$(PG)
 RUN_DIR     := $(WORK)/run-cluster
 TEST_DIR    := $(WORK)/test-cluster
+CLIENTS_DIR := $(WORK)/clients-cluster
 PGRX_DATA   := $(WORK)/pgrx-test-data
 TIMED       := scripts/timed.sh
 PYTEST_ARGS ?=
@@ -56,6 +60,7 @@ FOREIGN_PG_18 := 17
 FOREIGN_PG  ?= $(FOREIGN_PG_$(PG))
 
 .PHONY: setup setup-all install run stop test test-all test-one test-major lint test-unit test-pg test-integration \
+        test-clients \
         bench-decode bench fuzz fmt clean
 
 ## Install toolchain and packages (idempotent); for 17/18 also that major's root.
@@ -79,13 +84,15 @@ stop:
 	@PG=$(PG) scripts/cluster.sh stop $(RUN_DIR)
 
 ## Every test tier: lints and pure unit tests (once, on the host), then #[pg_test] and integration tests
-## on a real cluster, for PG, or for every major in PGS when no PG is given.
+## on a real cluster, for PG, or for every major in PGS when no PG is given; then the client libraries and
+## the dashboard (once, on PG or the first of PGS: they test the endpoint's protocol, not the major).
 test: $(if $(TEST_EVERY_MAJOR),test-all,test-one)
 
 test-one: setup
 	@$(TIMED) "lint" $(MAKE) --no-print-directory lint
 	@$(TIMED) "unit tests" $(MAKE) --no-print-directory test-unit
 	@$(MAKE) --no-print-directory test-major PG=$(PG)
+	@$(TIMED) "clients and dashboard (PostgreSQL $(PG))" $(MAKE) --no-print-directory test-clients PG=$(PG)
 
 test-all: setup-all
 	@rm -f target/times.log
@@ -94,9 +101,12 @@ test-all: setup-all
 	@failed=""; for pg in $(PGS); do \
 	  $(TIMED) "PostgreSQL $$pg, all tiers" $(MAKE) --no-print-directory test-major PG=$$pg || failed="$$failed $$pg"; \
 	done; \
+	first=$(firstword $(PGS)); \
+	$(TIMED) "clients and dashboard (PostgreSQL $$first)" $(MAKE) --no-print-directory test-clients PG=$$first \
+	  || failed="$$failed (clients on $$first)"; \
 	echo "== times"; cat target/times.log; \
 	if [ -n "$$failed" ]; then echo "FAILED on PostgreSQL$$failed"; exit 1; fi; \
-	echo "all tiers passed on PostgreSQL $(PGS)"
+	echo "all tiers passed on PostgreSQL $(PGS), the clients on $$first"
 
 test-major:
 	@$(TIMED) "PostgreSQL $(PG): #[pg_test]" $(MAKE) --no-print-directory test-pg
@@ -108,7 +118,7 @@ lint:
 	$(HOST_CARGO) clippy --workspace --all-targets -- -D warnings
 
 test-unit:
-	$(HOST_CARGO) test -p changerelay-core -p changerelay-endpoint
+	$(HOST_CARGO) test -p changerelay-core -p changerelay-endpoint -p changerelay-sinks
 
 test-pg:
 	@$(IN_ROOT) sh -c 'rm -rf "$$0" && install -d -o postgres -g postgres "$$0"' $(PGRX_DATA)
@@ -128,6 +138,23 @@ test-integration:
 	  status=$$?; \
 	  PG=$(PG) scripts/cluster.sh stop $(TEST_DIR); exit $$status
 
+## The client libraries against a real cluster (127.0.0.1:$(CLIENTS_PORT), endpoint +1000): clients/js built
+## with TypeScript and run in Node and in headless Chromium (Debian's, through playwright-core), the dashboard
+## in Chromium (its screenshot in $(WORK)/clients/), clients/python with pytest. The cluster allows the
+## browser tests' page origin, 127.0.0.1:CLIENTS_PORT+2000.
+CLIENTS_OUT := $(WORK)/clients
+test-clients:
+	$(INSTALL) --debug $(PG_CONFIG) $(FEATURES)
+	cd clients/js && npm run --silent build
+	@PG=$(PG) scripts/cluster.sh stop $(CLIENTS_DIR); rm -rf $(CLIENTS_DIR) $(CLIENTS_OUT); mkdir -p $(CLIENTS_OUT)
+	@PG=$(PG) EXTRA_CONF="changerelay.allowed_origins = 'http://127.0.0.1:$$(($(CLIENTS_PORT) + 2000))'" \
+	  scripts/cluster.sh start $(CLIENTS_DIR) $(CLIENTS_PORT)
+	@status=0; export PGCR_CLIENTS_PORT=$(CLIENTS_PORT) PGCR_CLIENTS_OUT=$(CLIENTS_OUT); \
+	  node --experimental-websocket --disable-warning=ExperimentalWarning --test --test-force-exit --test-concurrency=1 \
+	    clients/js/test/*.test.mjs || status=$$?; \
+	  .venv/bin/pytest clients/python/tests $(PYTEST_ARGS) || status=$$?; \
+	  PG=$(PG) scripts/cluster.sh stop $(CLIENTS_DIR); exit $$status
+
 ## Decoding throughput next to wal2json, test_decoding and pgoutput (ROWS=600000 for >1M changes).
 ROWS ?= 100000
 bench-decode: install
@@ -137,10 +164,11 @@ bench-decode: install
 
 ## The benchmark suite (issue 6): installs (release), starts its own cluster on 127.0.0.1:$(BENCH_PORT)
 ## (endpoint +1000), runs every workload, writes bench/out/results.{json,md,png} (bench/out/pgNN for 17
-## and 18), stops the cluster. QUICK=1: under 3 minutes.
+## and 18), stops the cluster. QUICK=1: under 3 minutes. ONLY=sinks (comma-separated): those workloads only.
 BENCH_OUT := $(CURDIR)/bench/out$(if $(filter 15,$(PG)),,/pg$(PG))
 bench: install
-	PG=$(PG) .venv/bin/python bench/run.py --no-install --port $(BENCH_PORT) --out $(BENCH_OUT) $(if $(QUICK),--quick)
+	PG=$(PG) .venv/bin/python bench/run.py --no-install --port $(BENCH_PORT) --out $(BENCH_OUT) $(if $(QUICK),--quick) \
+	  $(if $(ONLY),--only $(ONLY))
 
 ## Each fuzz target for FUZZ_SECONDS (default 60); installs cargo-fuzz when missing. Not part of `make test`.
 FUZZ_SECONDS ?= 60
@@ -151,6 +179,6 @@ fmt:
 	cargo fmt --all
 
 clean:
-	-for pg in $(PGS); do for d in run-cluster test-cluster bench-cluster; do \
+	-for pg in $(PGS); do for d in run-cluster test-cluster bench-cluster clients-cluster; do \
 	  [ -d target/pg$$pg/$$d ] && PG=$$pg scripts/cluster.sh stop $(CURDIR)/target/pg$$pg/$$d; done; done
 	rm -rf target

@@ -70,6 +70,49 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid):
+    """User + system CPU of each thread of a process, summed by thread name (the main thread is "main"); a
+    thread that is gone counts nothing."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        name = "main" if tid == str(pid) else head.split("(", 1)[1]
+        fields = rest.split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def thread_schedstat(pid):
+    """Seconds each thread of a process ran and waited runnable for a CPU (/proc/.../schedstat), summed by
+    thread name as thread_cpu_seconds does: {name: (ran_s, waited_s)}. A thread whose ran + waited is close to
+    the wall time never slept: it was saturated, and its wait is the time it was denied a core."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head = f.read().rsplit(")", 1)[0]
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ran, waited = (int(x) / 1e9 for x in f.read().split()[:2])
+        except OSError:
+            continue
+        name = "main" if tid == str(pid) else head.split("(", 1)[1]
+        r0, w0 = out.get(name, (0.0, 0.0))
+        out[name] = (r0 + ran, w0 + waited)
+    return out
+
+
+def machine_busy_seconds():
+    """CPU seconds the whole machine spent busy (all cores, every process, other users' included) so far."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def children_cpu_seconds():
     """CPU of this process's finished (joined) children, e.g. WebSocket client processes."""
     r = os.times()

@@ -64,6 +64,28 @@ def targets(w):
                 f" cores; {f0(r['messages_delivered'])} of {f0(r['messages_expected'])} delivered)")
     out.append(("fan-out >= 500,000 messages/s to 1,000 WebSocket subscribers (Rust client)",
                 ("not run" if x is None else f"{f0(x)} msg/s") + note, None if x is None else x >= 500_000))
+    h = w.get("hostile", {})
+    rs = h.get("resubscribe")
+    n = rs["abusive_clients"] if rs else 200
+    x = rs and rs["hostile"]["latency"]["p99_ms"]
+    out.append((f"{n} clients re-subscribing from the oldest cursor: live WebSocket p99 < "
+                f"{f0(rs['p99_target_ms']) if rs else 10} ms",
+                "not run" if not rs else f"{f2(x)} ms (alone {f2(rs['baseline']['latency']['p99_ms'])} ms, "
+                                         f"{f2(rs['p99_ratio'])}x)", None if not rs or x is None else rs["p99_met"]))
+    lag = rs and rs["hostile"]["lag"]
+    out.append((f"{n} clients re-subscribing from the oldest cursor: worker lag < "
+                f"{f0(rs['lag_target_s']) if rs else 1} s",
+                "not run" if not rs else f"max {f2(lag['max_s'])} s, {f0(lag['max_bytes'])} bytes",
+                None if not rs or lag["max_s"] is None else rs["lag_met"]))
+    ic = h.get("idle_connections")
+    if ic:
+        runs = [r for r in ic["runs"] if r["mode"] != "none"]
+        desc = "; ".join(f"{r['mode']}: /versions {r['versions']['served']}/{r['versions']['requests']}, WebSocket "
+                         f"{r['live']['delivered']}/{r['live']['commits']}" for r in runs)
+        out.append((f"{f0(ic['connections'])} idle TCP connections: an authenticated client is served", desc,
+                    ic["all_served"]))
+    else:
+        out.append(("1,000 idle TCP connections: an authenticated client is served", "not run", None))
     return out
 
 
@@ -214,7 +236,110 @@ def markdown(res):
             ("per idle WebSocket client (VmRSS / RssAnon)",
              f"{f0(i['bytes_per_client'])} / {f0(i['anon_bytes_per_client'])} bytes"),
         ], ["---", "---:"]))
+    if w.get("hostile", {}).get("resubscribe"):
+        md.append(hostile_markdown(w["hostile"]))
+    if w.get("gate", {}).get("runs"):
+        d = w["gate"]
+        md.append(f"## Waiting for standbys (publish gate)\n\nCommit -> WebSocket latency at {d['target_rate']:,} "
+                  f"commits/s for {d['seconds_per_run']} s, the bench cluster alone and then as the primary of a "
+                  f"streaming standby on the same machine (bench/wl_gate.py).\n")
+        md.append(table(["configuration", "achieved", "delivered", "p50 ms", "p95 ms", "p99 ms", "max ms",
+                         "p50 x alone", "p99 x alone"],
+                        [(r["config"], f0(r["achieved_rate"]), f"{r['delivered']}/{r['commits']}", f2(r["p50_ms"]),
+                          f2(r["p95_ms"]), f2(r["p99_ms"]), f2(r["max_ms"]), f2(r.get("p50_ratio_to_no_standby")),
+                          f2(r.get("p99_ratio_to_no_standby"))) for r in d["runs"]]))
+    if w.get("sinks", {}).get("redis") or w.get("sinks", {}).get("nats"):
+        d = w["sinks"]
+        md.append("## Sinks\n\nRedis Streams and NATS JetStream on this machine (persistence on). Throughput: "
+                  "inserts in 100-row transactions, from the first COMMIT until the broker holds every change. "
+                  "Latency: single-row UPDATE per commit at 1,000 commits/s, from COMMIT returning to a reader of "
+                  "the broker seeing the change.\n")
+        md.append(table(["sink", "changes", "changes/s", "commits/s", "delivered", "p50 ms", "p95 ms", "p99 ms",
+                         "max ms"],
+                        [(k, f0(v["throughput"]["rows"]), f0(v["throughput"]["changes_per_s"]),
+                          f0(v["latency"]["achieved_rate"]), f"{v['latency']['delivered']}/{v['latency']['commits']}",
+                          f2(v["latency"]["p50_ms"]), f2(v["latency"]["p95_ms"]), f2(v["latency"]["p99_ms"]),
+                          f2(v["latency"]["max_ms"])) for k, v in d.items() if isinstance(v, dict) and "latency" in v]))
     md.append("Elapsed per workload: " + ", ".join(f"{k} {v.get('elapsed_s', 0):.0f} s" for k, v in w.items()) + "\n")
+    return "\n".join(md)
+
+
+def sched(cpu, name):
+    s = cpu.get("sched", {}).get(name)
+    return "n/a" if s is None else f"{s['ran']:.2f} / {s['waited']:.2f}"
+
+
+def hostile_markdown(h):
+    rs, ic = h["resubscribe"], h["idle_connections"]
+    ab = rs["hostile"]["abusers"]
+    md = [f"## Hostile clients\n\nA live subscriber (WebSocket, changes, its own token and process) of a label "
+          f"written at {f0(h['rate'])} commits/s, {h['seconds_per_window']} s per window, latency from COMMIT to "
+          f"arrival; *watch()*: the same commits through `changerelay.watch()` in a loop (no endpoint), so the "
+          f"worker's part of the latency shows. *Lag*: every 100 ms, the slot's lag_bytes and now - the last "
+          f"applied commit. *Re-subscribing*: {rs['abusive_clients']} clients of another label with a history of "
+          f"{f0(h['history_rows'])} rows (one token, {rs['client_processes']} processes, 4 source addresses) "
+          f"loop: connect, subscribe from the oldest cursor, read {f0(rs['read_per_subscription'])} changes, "
+          f"subscribe again, read, disconnect. *Idle*: {f0(ic['connections'])} TCP connections from "
+          f"{ic['addresses']} loopback addresses that send nothing: opened once, re-opened 1 s after the server "
+          f"closes them, or re-opened at once ({h['idle_seconds_per_window']} s windows).\n"]
+    rows = [("alone", rs["baseline"]), (f"{rs['abusive_clients']} re-subscribing", rs["hostile"])]
+    rows += [(f"idle: {r['mode']}", r["live"]) for r in ic["runs"]]
+    md.append(table(["window", "p50 ms", "p95 ms", "p99 ms", "max ms", "p50 first / last quarter",
+                     "watch() p50 / p99 ms", "delivered",
+                     "lag max s", "lag max bytes", "worker main ran / waited", "endpoint ran / waited",
+                     "machine busy", "other users"],
+                    [(n, f2(r["latency"]["p50_ms"]), f2(r["latency"]["p95_ms"]), f2(r["latency"]["p99_ms"]),
+                      f2(r["latency"]["max_ms"]),
+                      " / ".join(f2((r.get("latency_trend") or {}).get(k))
+                                 for k in ("first_quarter_p50_ms", "last_quarter_p50_ms")),
+                      f"{f2(r['watch_latency']['p50_ms'])} / {f2(r['watch_latency']['p99_ms'])}",
+                      f"{r['delivered']}/{r['commits']}", f2(r["lag"]["max_s"]), f0(r["lag"]["max_bytes"]),
+                      sched(r["cpu"], "worker_main"), sched(r["cpu"], "worker_endpoint"),
+                      f"{f2(r['cpu']['machine'])} of {r['cpu']['cores']}", f2(r["cpu"]["unaccounted"]))
+                     for n, r in rows]))
+    md.append("*ran / waited*: cores the thread ran, and waited runnable for a core (`/proc/…/schedstat`); "
+              "ran + waited near 1 means the thread never slept (saturated). *Machine busy*: every process, "
+              "other users' included; *other users*: what remains after the cluster, the client processes and "
+              "this one (cores; kernel time not charged to a process too). *First / last quarter*: p50 of the commits of the window's first and last "
+              "quarter; a growing one is a queue building up, not a steady delay.\n")
+    wnd, c = ab["window"], rs["hostile"]["cpu"]
+    md.append(f"Re-subscribing vs alone: p50 **{f2(rs['p50_ratio'])}x**, p99 **{f2(rs['p99_ratio'])}x**. "
+              f"The abusive clients in the window: {f0(wnd['connects'])} connects ({wnd['reconnects_per_s']:.1f}/s), "
+              f"{f0(wnd['subscribes'])} subscribes, {f0(wnd['changes'])} changes ({f0(wnd['changes_per_s'])}/s), "
+              f"{f0(wnd['errors'])} errors, {f0(wnd['resyncs'])} resyncs; first change "
+              f"{f0(ab['first_change_ms']['p50'])} ms (p50) / {f0(ab['first_change_ms']['p99'])} ms (p99) after "
+              f"subscribing. CPU in cores: worker {f2(c['worker_total'])} (main {f2(c['worker_main'])}, endpoint "
+              f"{f2(c['worker_endpoint'])}), abusive clients {f2(c['abusers'])}, live subscriber "
+              f"{f2(c['live_subscriber'])}, watch() receiver {f2(c.get('watch_receiver'))}, writer (bench process) "
+              f"{f2(c['bench_process'])}, other Postgres processes {f2(c['postgres_other'])}, unaccounted (other "
+              f"users) {f2(c['unaccounted'])}. One 1,000-row history page from the oldest cursor takes "
+              f"{f2(h.get('history_page_ms'))} ms through `changerelay.changes()` in this build "
+              f"({f2(h.get('history_page_ms_before_analyze'))} ms before `changerelay.history` was analyzed: the "
+              f"plan then reads every row of the label after the cursor and sorts them).\n")
+    none = ic["runs"][0]
+    md.append(table(["idle connections", "/versions served", "retries", "p50 ms", "p99 ms", "p99 x none",
+                     "WebSocket p50 ms", "p99 ms", "p99 x none", "subscriber attempts", "flood connects/s",
+                     "server max open / unauth.", "evicted", "auth timeouts", "kernel listen overflows", "flood CPU",
+                     "endpoint ran / waited"],
+                    [(r["mode"], f"{r['versions']['served']}/{r['versions']['requests']}", r["versions"]["retries"],
+                      f2(r["versions"]["p50_ms"]), f2(r["versions"]["p99_ms"]),
+                      f2(r.get("versions_p99_ratio")) if r is not none else "",
+                      f2(r["live"]["latency"]["p50_ms"]), f2(r["live"]["latency"]["p99_ms"]),
+                      f2(r.get("live_p99_ratio")) if r is not none else "",
+                      r["live"]["subscriber"]["connect_attempts"],
+                      f0(r["flood"]["connects_per_s"]) if r.get("flood") else "",
+                      " / ".join(f0(r["server_gauges_max"].get(k)) for k in ("clients", "unauthenticated_clients")),
+                      f0((r["endpoint_counters"] or {}).get('refusals_total{reason="unauthenticated_limit"}', 0)),
+                      f0((r["endpoint_counters"] or {}).get('refusals_total{reason="auth_timeout"}', 0)),
+                      f0(r.get("listen_drops", {}).get("ListenOverflows")),
+                      f2(r["live"]["cpu"].get("flood")), sched(r["live"]["cpu"], "worker_endpoint"))
+                     for r in ic["runs"]]))
+    md.append("*/versions*: an authenticated `GET /versions/{label}`, a new connection each (as curl), a dropped "
+              "connection retried at once, latency to the answer. *Evicted*: unauthenticated connections the "
+              "server closed to admit a newer one (`max_unauthenticated`); *auth timeouts*: closed at "
+              f"`auth_timeout`; *kernel listen overflows*: handshakes dropped machine-wide because an accept queue "
+              f"was full (the endpoint's listen backlog: {h.get('listen_backlog', 'n/a')}); such a client "
+              f"retries its SYN after 1 s.\n")
     return "\n".join(md)
 
 
@@ -228,7 +353,7 @@ def chart(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     w = res["workloads"]
-    fig, ax = plt.subplots(3, 2, figsize=(13, 13))
+    fig, ax = plt.subplots(3, 3, figsize=(19, 13))
     fig.suptitle(f"pg_changerelay benchmarks ({res['mode']}, {res['library']['build']} build, "
                  f"{res['machine']['git_commit'][:10]})")
     a = ax[0][0]
@@ -282,9 +407,40 @@ def chart(res, path):
     a.barh([r["plugin"] for r in mixed], [r["rows_per_second"] for r in mixed], color="tab:green")
     a.invert_yaxis()
     a.set_title("Decoding a mixed-type table (rows/s)")
+    hostile_chart(ax[0][2], ax[1][2], w.get("hostile", {}))
+    ax[2][2].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def hostile_chart(a, b, h):
+    rs, ic = h.get("resubscribe"), h.get("idle_connections")
+    rows = []
+    if rs:
+        rows += [("alone", rs["baseline"]), (f"{rs['abusive_clients']} re-sub.", rs["hostile"])]
+    if ic:
+        rows += [(f"idle {r['mode']}", r["live"]) for r in ic["runs"]]
+    xs = range(len(rows))
+    a.bar([x - 0.2 for x in xs], [max(r["latency"]["p50_ms"] or 0, 0.01) for _, r in rows], 0.4, label="WebSocket p50")
+    a.bar([x + 0.2 for x in xs], [max(r["latency"]["p99_ms"] or 0, 0.01) for _, r in rows], 0.4, label="WebSocket p99")
+    a.plot(list(xs), [max(r["watch_latency"]["p99_ms"] or 0, 0.01) for _, r in rows], "k_", markersize=18,
+           label="watch() p99")
+    if rs:
+        a.axhline(rs["p99_target_ms"], color="tab:red", linestyle="--", linewidth=1, label="p99 target")
+    a.set_xticks(list(xs), [n for n, _ in rows], rotation=20)
+    a.set_yscale("log")
+    a.set_title("Hostile clients: live subscriber latency, ms")
+    legend(a)
+    runs = ic["runs"] if ic else []
+    xs = range(len(runs))
+    b.bar([x - 0.2 for x in xs], [max(r["versions"]["p50_ms"] or 0, 0.01) for r in runs], 0.4, label="p50")
+    b.bar([x + 0.2 for x in xs], [max(r["versions"]["p99_ms"] or 0, 0.01) for r in runs], 0.4, label="p99")
+    b.set_xticks(list(xs), [r["mode"] for r in runs])
+    b.set_yscale("log")
+    b.set_xlabel(f"{ic['connections']:,} idle TCP connections" if ic else "")
+    b.set_title("Authenticated GET /versions under idle connections, ms")
+    legend(b)
 
 
 def write(res, out):

@@ -23,9 +23,12 @@ import common  # noqa: E402
 import report  # noqa: E402
 import wl_decode  # noqa: E402
 import wl_fanout  # noqa: E402
+import wl_gate  # noqa: E402
+import wl_hostile  # noqa: E402
 import wl_latency  # noqa: E402
 import wl_memory  # noqa: E402
 import wl_overhead  # noqa: E402
+import wl_sinks  # noqa: E402
 import wl_throughput  # noqa: E402
 
 # The major (PG=15|17|18, as for every make target); 17 and 18 run inside their roots (scripts/root.sh).
@@ -34,7 +37,8 @@ PGTOOL = os.path.join(ROOT, "scripts", "pgtool.sh")
 DATA_DIR = os.path.join(ROOT, "target", f"pg{PG}", "bench-cluster")
 EXTRA_CONF = "changerelay.max_clients = 4096\nchangerelay.max_connections_per_address = 4096\nmax_connections = 200"
 WORKLOADS = [("decoding", wl_decode), ("throughput", wl_throughput), ("latency", wl_latency),
-             ("overhead", wl_overhead), ("fanout", wl_fanout), ("memory", wl_memory)]
+             ("overhead", wl_overhead), ("fanout", wl_fanout), ("memory", wl_memory), ("hostile", wl_hostile),
+             ("gate", wl_gate), ("sinks", wl_sinks)]
 
 
 def sh(*cmd, **kw):
@@ -76,7 +80,7 @@ def server_log_problems():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short runs, fewer points (under 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="short runs, fewer points (about 5 minutes on 2 busy cores)")
     ap.add_argument("--port", type=int, default=int(os.environ.get("PGCR_PORT", "5498")) - 11,
                     help="the cluster's port (default PGCR_PORT-11); the endpoint listens on port+1000")
     ap.add_argument("--out", default=os.path.join(BENCH, "out"), help="directory for results.{json,md,png}")

@@ -30,6 +30,13 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
 
 
+def source_address(index, i, per_address=50):
+    """The loopback address subscriber i of client process `index` connects from: 50 subscribers per address,
+    since the endpoint admits at most 64 connections from one address (max_per_address)."""
+    n = i // per_address
+    return f"127.{10 + index}.{n // 250}.{n % 250 + 1}"
+
+
 def client_process(index, count, ws_port, token, label, changes, ready, done, results):
     """`count` subscribers in one process; reports (messages, latency samples, time of the last message)."""
     got = [0]
@@ -37,9 +44,22 @@ def client_process(index, count, ws_port, token, label, changes, ready, done, re
     last = [time.monotonic()]
     final = {}  # subscriber -> the newest "all" version it saw
 
+    # At most 24 handshakes at a time per process: the endpoint keeps 64 connections that have not
+    # authenticated yet and closes the oldest of them for a new one.
+    opening = asyncio.Semaphore(24)
+
     async def subscriber(i):
         uri = f"ws://127.0.0.1:{ws_port}/ws?token={token}"
-        ws = await websockets.connect(uri, max_queue=None, open_timeout=60, ping_interval=None)
+        for attempt in range(20):
+            try:
+                async with opening:
+                    ws = await websockets.connect(uri, max_queue=None, open_timeout=60, ping_interval=None,
+                                                  local_addr=(source_address(index, i), 0))
+                break
+            except (OSError, websockets.InvalidHandshake):
+                if attempt == 19:
+                    raise
+                await asyncio.sleep(0.2)
         await ws.send(json.dumps({"op": "subscribe", "labels": [label], "since": None,
                                   "versions": not changes, "changes": changes}))
         await ws.recv()  # subscribed

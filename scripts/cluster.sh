@@ -6,6 +6,19 @@
 #   scripts/cluster.sh start DIR PORT     initdb if needed, configure, start
 #   scripts/cluster.sh stop DIR           fast shutdown
 #   scripts/cluster.sh restart-immediate DIR   crash-like stop, then start
+#   scripts/cluster.sh standby DIR PORT PRIMARY_PORT
+#                                         a streaming standby of the cluster on
+#                                         127.0.0.1:PRIMARY_PORT, started
+#   scripts/cluster.sh promote DIR        promote that standby (waits)
+#
+# A standby is a pg_basebackup of the primary with a physical slot on the
+# primary (STANDBY_SLOT, default standby_PORT; also its application_name,
+# for synchronous_standby_names), hot_standby_feedback on, and where the
+# server has them (17+) sync_replication_slots on (SYNC_SLOTS=off turns it
+# off) with dbname in primary_conninfo, so the relay's failover slot is
+# synchronised to it. Its own settings (port, endpoint port, those above,
+# then EXTRA_CONF) go to postgresql.auto.conf, after whatever the primary
+# set with ALTER SYSTEM, so they win.
 #
 # EXTRA_CONF (newline-separated settings) is appended to postgresql.conf
 # when the cluster is created; INITDB_ENCODING (default UTF8) is the
@@ -24,7 +37,7 @@
 # when it is set, so it is added only when this server knows it.
 set -euo pipefail
 
-cmd=${1:?usage: cluster.sh start|stop|restart-immediate DIR [PORT]}
+cmd=${1:?usage: cluster.sh start|stop|restart-immediate|standby|promote DIR [PORT [PRIMARY_PORT]]}
 dir=${2:?data directory}
 PG=${PG:-15}
 case "$PG" in 15 | 17 | 18) ;; *) echo "cluster.sh: PG=$PG is not supported (15, 17, 18)" >&2; exit 2 ;; esac
@@ -109,6 +122,44 @@ case "$cmd" in
   restart-immediate)
     as_pg "$PGBIN/pg_ctl" -D "$dir" -m immediate -w stop >/dev/null
     as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+    ;;
+  standby)
+    port=${3:?port}
+    primary=${4:?primary port}
+    slot=${STANDBY_SLOT:-standby_$port}
+    if [ -f "$dir/PG_VERSION" ]; then
+      echo "cluster.sh: $dir already holds a cluster" >&2
+      exit 2
+    fi
+    mkdir -p "$dir"
+    chown "$OS_USER:$OS_USER" "$dir" 2>/dev/null || true
+    chmod 700 "$dir"
+    as_pg "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$primary" -U postgres -D "$dir" -X stream -C -S "$slot" \
+      --checkpoint=fast --no-sync
+    as_pg touch "$dir/standby.signal"
+    rm -f "$dir/server.log" "$dir/postmaster.pid"
+    {
+      echo ""
+      echo "# --- pg_changerelay standby of 127.0.0.1:$primary ---"
+      echo "port = $port"
+      echo "changerelay.port = $((port + 1000))"
+      echo "hot_standby = on"
+      echo "hot_standby_feedback = on"
+      echo "primary_slot_name = '$slot'"
+      echo "primary_conninfo = 'host=127.0.0.1 port=$primary user=postgres dbname=postgres application_name=$slot'"
+      if server_knows sync_replication_slots; then
+        echo "sync_replication_slots = ${SYNC_SLOTS:-on}"
+      fi
+      if [ -n "${EXTRA_CONF:-}" ]; then
+        printf '%s\n' "$EXTRA_CONF"
+      fi
+    } | as_pg tee -a "$dir/postgresql.auto.conf" >/dev/null
+    as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+    echo "standby in $dir listening on 127.0.0.1:$port (slot $slot on 127.0.0.1:$primary)"
+    ;;
+  promote)
+    as_pg "$PGBIN/pg_ctl" -D "$dir" -w -t 60 promote >/dev/null
+    echo "promoted the standby in $dir"
     ;;
   *)
     echo "unknown command $cmd" >&2

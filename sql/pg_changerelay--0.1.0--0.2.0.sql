@@ -144,3 +144,202 @@ CREATE FUNCTION changerelay.tokens_changed() RETURNS trigger LANGUAGE c AS 'MODU
 REVOKE EXECUTE ON FUNCTION changerelay.tokens_changed() FROM PUBLIC;
 CREATE TRIGGER tokens_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON changerelay.tokens
     FOR EACH STATEMENT EXECUTE FUNCTION changerelay.tokens_changed();
+
+-- Durable consumers (create_consumer, consume, ack, drop_consumer, consumers)
+-- and sinks into Redis Streams and NATS JetStream (create_sink, drop_sink,
+-- sinks), kept in tables; retention keeps what they still need.
+-- Durable consumers: everything at or before (event_id, pos) is acknowledged.
+CREATE TABLE changerelay.consumers (
+    name text PRIMARY KEY,
+    labels text[] NOT NULL,
+    filter jsonb,
+    event_id bigint NOT NULL,
+    pos bigint NOT NULL,
+    creator oid NOT NULL,
+    created_by name NOT NULL DEFAULT current_user,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- Set when history after its position was pruned (changerelay.max_consumer_lag).
+    lagging_since timestamptz
+);
+-- Ranges (after, upto] of history past a consumer's position: leased (lease,
+-- expires_at) or acknowledged (lease NULL), tiling the history after it.
+CREATE TABLE changerelay.consumer_leases (
+    consumer text NOT NULL REFERENCES changerelay.consumers ON DELETE CASCADE,
+    after_event bigint NOT NULL,
+    after_pos bigint NOT NULL,
+    upto_event bigint NOT NULL,
+    upto_pos bigint NOT NULL,
+    lease bigint,
+    expires_at timestamptz,
+    PRIMARY KEY (consumer, after_event, after_pos)
+);
+CREATE SEQUENCE changerelay.consumer_lease_ids;
+SELECT pg_catalog.pg_extension_config_dump('changerelay.consumers', '');
+REVOKE ALL ON changerelay.consumers, changerelay.consumer_leases, changerelay.consumer_lease_ids FROM PUBLIC;
+
+-- Sinks into Redis Streams and NATS JetStream. Everything of the sink's labels
+-- at or before (event_id, pos) is in the broker; the relay worker writes the
+-- position, state, counters and last error.
+CREATE TABLE changerelay.sinks (
+    id bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+    name text PRIMARY KEY,
+    kind text NOT NULL,
+    url text NOT NULL,
+    labels text[] NOT NULL,
+    options jsonb NOT NULL DEFAULT '{}',
+    event_id bigint NOT NULL,
+    pos bigint NOT NULL,
+    state text NOT NULL DEFAULT 'starting',
+    changes_written bigint NOT NULL DEFAULT 0,
+    duplicates bigint NOT NULL DEFAULT 0,
+    delivered_at timestamptz,
+    last_error text,
+    last_error_at timestamptz,
+    -- Set when history it had not delivered was pruned (changerelay.max_consumer_lag).
+    lagging_since timestamptz,
+    creator oid NOT NULL,
+    created_by name NOT NULL DEFAULT current_user,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('changerelay.sinks', '');
+-- The URL may hold a password: superusers only (sinks() shows it masked).
+REVOKE ALL ON changerelay.sinks FROM PUBLIC;
+
+CREATE FUNCTION changerelay."ack"(
+	"name" TEXT,
+	"cursor" TEXT,
+	"lease" bigint DEFAULT NULL
+) RETURNS void
+VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ack_wrapper';
+
+CREATE FUNCTION changerelay."consume"(
+	"name" TEXT,
+	"max_events" INT DEFAULT 100,
+	"visibility" interval DEFAULT '30 seconds'
+) RETURNS TABLE (
+	"lease" bigint,
+	"cursor" TEXT,
+	"event_id" bigint,
+	"seq" INT,
+	"ts" bigint,
+	"xid" bigint,
+	"label" TEXT,
+	"table_name" TEXT,
+	"op" TEXT,
+	"identifier" TEXT,
+	"key" jsonb,
+	"new" jsonb,
+	"old" jsonb,
+	"metadata" jsonb
+)
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'consume_wrapper';
+
+CREATE FUNCTION changerelay."consumers"() RETURNS TABLE (
+	"name" TEXT,
+	"labels" TEXT[],
+	"filter" jsonb,
+	"position" TEXT,
+	"lag_bytes" bigint,
+	"leases" bigint,
+	"lagging" bool,
+	"created_by" TEXT,
+	"created_at" timestamp with time zone
+)
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'consumers_wrapper';
+
+CREATE FUNCTION changerelay."create_consumer"(
+	"name" TEXT,
+	"labels" TEXT[],
+	"filter" jsonb DEFAULT NULL
+) RETURNS void
+VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'create_consumer_wrapper';
+
+CREATE FUNCTION changerelay."create_sink"(
+	"name" TEXT,
+	"kind" TEXT,
+	"url" TEXT,
+	"labels" TEXT[],
+	"options" jsonb DEFAULT '{}'
+) RETURNS void
+VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'create_sink_wrapper';
+
+CREATE FUNCTION changerelay."drop_consumer"(
+	"name" TEXT
+) RETURNS void
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'drop_consumer_wrapper';
+
+CREATE FUNCTION changerelay."drop_sink"(
+	"name" TEXT
+) RETURNS void
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'drop_sink_wrapper';
+
+CREATE FUNCTION changerelay."sinks"() RETURNS TABLE (
+	"name" TEXT,
+	"kind" TEXT,
+	"url" TEXT,
+	"labels" TEXT[],
+	"options" jsonb,
+	"state" TEXT,
+	"position" TEXT,
+	"lag_bytes" bigint,
+	"changes_written" bigint,
+	"duplicates" bigint,
+	"delivered_at" timestamp with time zone,
+	"last_error" TEXT,
+	"last_error_at" timestamp with time zone,
+	"lagging" bool,
+	"created_by" TEXT,
+	"created_at" timestamp with time zone
+)
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'sinks_wrapper';
+
+CREATE FUNCTION changerelay."sinks_changed"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'sinks_changed_wrapper';
+
+REVOKE EXECUTE ON FUNCTION changerelay.create_consumer(text, text[], jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION changerelay.drop_consumer(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION changerelay.create_consumer(text, text[], jsonb) TO changerelay_admin;
+GRANT EXECUTE ON FUNCTION changerelay.drop_consumer(text) TO changerelay_admin;
+
+REVOKE EXECUTE ON FUNCTION changerelay.create_sink(text, text, text, text[], jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION changerelay.drop_sink(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION changerelay.sinks() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION changerelay.create_sink(text, text, text, text[], jsonb) TO changerelay_admin;
+GRANT EXECUTE ON FUNCTION changerelay.drop_sink(text) TO changerelay_admin;
+GRANT EXECUTE ON FUNCTION changerelay.sinks() TO changerelay_admin;
+REVOKE EXECUTE ON FUNCTION changerelay.sinks_changed() FROM PUBLIC;
+CREATE TRIGGER sinks_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON changerelay.sinks
+    FOR EACH STATEMENT EXECUTE FUNCTION changerelay.sinks_changed();
+
+-- Failover (README: High availability): how far decoding had reached and on
+-- which timeline when history was last written (unknown until the 0.2.0
+-- worker's first write), and the gaps it made explicit.
+ALTER TABLE changerelay.history_horizon ADD COLUMN decoded_upto bigint, ADD COLUMN timeline bigint;
+CREATE SEQUENCE changerelay.decoded_mark MINVALUE 0 START 0;
+CREATE TABLE changerelay.history_gaps (
+    event_id bigint PRIMARY KEY,
+    reason text NOT NULL,
+    detail text NOT NULL,
+    timeline bigint NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON changerelay.history_gaps, changerelay.decoded_mark FROM PUBLIC;
+GRANT SELECT ON changerelay.history_gaps, changerelay.decoded_mark TO PUBLIC;

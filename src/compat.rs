@@ -1,7 +1,7 @@
 //! Server APIs whose shape differs between major versions, for everything
 //! but the output plugin (whose decoding structures are in
 //! `plugin/compat.rs`): the library's setup, shared memory and the relay
-//! worker (its slot, its signal handlers). Version `cfg`s outside these
+//! worker (its slot, failover slots, its signal handlers). Version `cfg`s outside these
 //! two modules are a bug.
 
 use pgrx::pg_sys;
@@ -85,6 +85,83 @@ pub unsafe fn replication_slot_acquire(name: &CStr) {
     #[cfg(feature = "pg18")]
     unsafe {
         pg_sys::ReplicationSlotAcquire(name.as_ptr(), true, true);
+    }
+}
+
+// --- failover slots ----------------------------------------------------------
+
+/// Whether this major has failover slots (synchronised to standbys; 17+).
+pub const FAILOVER_SLOTS: bool = cfg!(any(feature = "pg17", feature = "pg18"));
+
+/// Creates the worker's logical slot `$1` with the pg_changerelay plugin,
+/// as a failover slot where the major has them; returns the position it
+/// starts at (its consistent point) as text.
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+pub const CREATE_SLOT_SQL: &str =
+    "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot($1, 'pg_changerelay', false, false, true)";
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+pub const CREATE_SLOT_SQL: &str =
+    "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot($1, 'pg_changerelay')";
+
+/// Makes an existing slot a failover slot (17+; nothing before). It
+/// acquires and releases the slot itself, so this process must hold none,
+/// and raises an error for a slot that can not be one (temporary, or on a
+/// standby).
+///
+/// `ReplicationSlotAlter` is found by name in the running server (see
+/// [`pqsignal`]): a build for 17 that referenced it at link time would fail
+/// to load into 15 ("undefined symbol") before PostgreSQL could say which
+/// major the library was built for.
+///
+/// # Safety
+/// Main thread of a backend with a PGPROC, holding no slot, not in recovery.
+pub unsafe fn enable_failover(name: &CStr) {
+    // SAFETY: dlsym with RTLD_DEFAULT searches the server; the symbol, when
+    // found, is the function of this major, with this signature.
+    #[cfg(feature = "pg17")]
+    unsafe {
+        type Alter = unsafe extern "C-unwind" fn(*const std::ffi::c_char, bool);
+        let f = dlsym(std::ptr::null_mut(), c"ReplicationSlotAlter".as_ptr());
+        if f.is_null() {
+            pgrx::error!("pg_changerelay: the server has no ReplicationSlotAlter()");
+        }
+        let alter = std::mem::transmute::<*mut std::ffi::c_void, Alter>(f);
+        pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| alter(name.as_ptr(), true));
+    }
+    // SAFETY: as above; 18 takes the properties to change by pointer.
+    #[cfg(feature = "pg18")]
+    unsafe {
+        type Alter = unsafe extern "C-unwind" fn(*const std::ffi::c_char, *const bool, *const bool);
+        let f = dlsym(std::ptr::null_mut(), c"ReplicationSlotAlter".as_ptr());
+        if f.is_null() {
+            pgrx::error!("pg_changerelay: the server has no ReplicationSlotAlter()");
+        }
+        let alter = std::mem::transmute::<*mut std::ffi::c_void, Alter>(f);
+        let failover = true;
+        pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| alter(name.as_ptr(), &failover, std::ptr::null()));
+    }
+    #[cfg(not(any(feature = "pg17", feature = "pg18")))]
+    let _ = name;
+}
+
+/// Whether PostgreSQL invalidated the slot: 16+ keep the cause, 15 the
+/// position at which it happened.
+///
+/// # Safety
+/// `slot` points into the replication slot array, with
+/// ReplicationSlotControlLock held (at least shared).
+pub unsafe fn slot_invalidated(slot: *const pg_sys::ReplicationSlot) -> bool {
+    // SAFETY: caller's contract; a plain read of a field the owner writes
+    // under the slot's spinlock (an aligned word: never torn).
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    unsafe {
+        std::ptr::read_volatile(&raw const (*slot).data.invalidated_at) != 0
+    }
+    // SAFETY: as above.
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    unsafe {
+        std::ptr::read_volatile(&raw const (*slot).data.invalidated)
+            != pg_sys::ReplicationSlotInvalidationCause::RS_INVAL_NONE
     }
 }
 

@@ -11,6 +11,7 @@
 //! | `changerelay.batch_changes` | 10000 | sighup |
 //! | `changerelay.max_gather` | 3ms | sighup |
 //! | `changerelay.history_retention` | 24h | sighup |
+//! | `changerelay.max_consumer_lag` | 7d | sighup |
 //! | `changerelay.max_value_size` | 16MB | sighup |
 //! | `changerelay.decoding_work_mem` | 32MB | sighup |
 //! | `changerelay.request_timeout` | 2s | sighup |
@@ -27,6 +28,8 @@
 //! | `changerelay.allow_plaintext_tokens` | off | postmaster |
 //! | `changerelay.allowed_origins` | '' | postmaster |
 //! | `changerelay.allowed_hosts` | '' | postmaster |
+//! | `changerelay.standby_slots` | '' (17+: synchronized_standby_slots) | sighup |
+//! | `changerelay.publish_gate` | on | sighup |
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
@@ -40,9 +43,12 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10000);
 pub static MAX_GATHER_MS: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static HISTORY_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86400);
+pub static MAX_CONSUMER_LAG_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86400);
 pub static MAX_VALUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static DECODING_WORK_MEM_KB: GucSetting<i32> = GucSetting::<i32>::new(32 * 1024);
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+pub static STANDBY_SLOTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static PUBLISH_GATE: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Debug builds only: see [`debug_fail_label`].
 #[cfg(debug_assertions)]
 static DEBUG_FAIL_LABEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -124,6 +130,16 @@ pub fn define(preloading: bool) {
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
+        c"changerelay.max_consumer_lag",
+        c"How far behind durable consumers and sinks may keep history beyond changerelay.history_retention.",
+        c"History a consumer or sink has not acknowledged or delivered is kept up to this age; older history is pruned all the same and the consumer or sink is marked lagging (a WARNING, status(), consumers(), sinks()).",
+        &MAX_CONSUMER_LAG_S,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
         c"changerelay.max_value_size",
         c"Largest column value the output plugin decodes; larger ones are left out.",
         c"A left-out value appears as {\"$changerelay\":\"omitted\",\"bytes\":N}; the change itself is kept. The plugin option max_value_size overrides it per slot.",
@@ -152,6 +168,22 @@ pub fn define(preloading: bool) {
         600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"changerelay.standby_slots",
+        c"Physical slots of the standbys that must have the relay's history before its slot is confirmed (and, with publish_gate, before clients see it).",
+        c"Comma-separated names. Empty: synchronized_standby_slots (PostgreSQL 17 and later), else none. A slot that is missing or invalidated holds everything back (see status()->'ha').",
+        &STANDBY_SLOTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"changerelay.publish_gate",
+        c"Publish a batch to clients only after its history reached the standby slots.",
+        c"Off: clients see changes as soon as they are committed here; after a failover to an asynchronous standby they may then have seen changes the new primary lacks (they get a resync error). Without standby slots it has no effect.",
+        &PUBLISH_GATE,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     #[cfg(debug_assertions)]
     GucRegistry::define_string_guc(
@@ -372,6 +404,10 @@ pub fn history_retention() -> std::time::Duration {
     std::time::Duration::from_secs(HISTORY_RETENTION_S.get().max(1) as u64)
 }
 
+pub fn max_consumer_lag() -> std::time::Duration {
+    std::time::Duration::from_secs(MAX_CONSUMER_LAG_S.get().max(1) as u64)
+}
+
 /// The label whose history the worker must fail to write (debug builds
 /// only; always `None` in release builds).
 pub fn debug_fail_label() -> Option<String> {
@@ -391,6 +427,15 @@ pub fn debug_fail_label() -> Option<String> {
 /// `changerelay.decoding_work_mem`, as a setting value in kB.
 pub fn decoding_work_mem_kb() -> i32 {
     DECODING_WORK_MEM_KB.get().max(64)
+}
+
+/// `changerelay.standby_slots` as written (see `crate::ha::standby_slot_names`).
+pub fn standby_slots() -> String {
+    string(&STANDBY_SLOTS, "")
+}
+
+pub fn publish_gate() -> bool {
+    PUBLISH_GATE.get()
 }
 
 pub fn request_timeout() -> std::time::Duration {

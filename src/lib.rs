@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 mod compat;
 mod errors;
 mod gucs;
+mod ha;
 mod plugin;
 mod shmem;
 mod sql;

@@ -16,7 +16,7 @@
 //! * `status` fields are atomics written only by the relay worker (pid and
 //!   latch at start and exit, the rest after each batch). Readers take no
 //!   lock and may see fields from two consecutive batches.
-//! * `cv` is broadcast by the worker after every applied batch.
+//! * `cv` is broadcast by the worker after every published batch.
 //! * `wake_latch` is the worker's process latch; committing backends set it
 //!   (a latch tolerates spurious and stale sets).
 
@@ -90,6 +90,28 @@ pub struct WorkerStatus {
     pub apply_retries: AtomicU64,
     /// Times the endpoint thread ended and was started again.
     pub endpoint_restarts: AtomicU64,
+    /// Bumped when a transaction that changed `changerelay.sinks` commits.
+    pub sinks_generation: AtomicU64,
+    /// Times the sinks thread ended and was started again.
+    pub sinks_restarts: AtomicU64,
+    // --- failover (README: High availability) ---
+    /// The publish gate holds batches back until the standbys have them:
+    /// readers cap history at `published_event_id`.
+    pub gate_active: AtomicBool,
+    /// `published_event_id` is known (since this server started, the worker
+    /// saw the standbys catch up with the history it found).
+    pub published_valid: AtomicBool,
+    /// The newest event clients may see.
+    pub published_event_id: AtomicU64,
+    /// Unix microseconds since the oldest batch held by the gate waits (0:
+    /// none), and the WAL position it waits for.
+    pub gate_held_since_us: AtomicI64,
+    pub gate_waiting_lsn: AtomicU64,
+    /// The WAL position the oldest unconfirmed slot position waits for (0:
+    /// none).
+    pub confirm_waiting_lsn: AtomicU64,
+    /// How far every standby slot has flushed (0: unknown; u64::MAX: none).
+    pub standby_flushed_lsn: AtomicU64,
 }
 
 #[repr(C)]
@@ -170,6 +192,9 @@ unsafe extern "C-unwind" fn shmem_startup() {
             (*ptr).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
             pg_sys::ConditionVariableInit(&raw mut (*ptr).cv);
             (*ptr).n_labels = n_labels as u32;
+            // Until the worker says otherwise, readers hold back what the
+            // standbys may not have (the worker starts after readers can).
+            (*ptr).status.gate_active = AtomicBool::new(crate::worker::gate_configured());
             (*ptr).n_entries = n_entries as u32;
             let salt =
                 (pg_sys::GetCurrentTimestamp() as u64) ^ ((std::process::id() as u64) << 32) ^ 0x9e37_79b9_7f4a_7c15;
@@ -264,11 +289,19 @@ pub fn broadcast() {
 
 /// This backend's transaction changed the tokens (backend-local).
 static TOKENS_CHANGED: AtomicBool = AtomicBool::new(false);
+/// Set by the trigger on `changerelay.sinks` in this backend's transaction.
+static SINKS_CHANGED: AtomicBool = AtomicBool::new(false);
 
 /// Marks the current transaction as changing the tokens: at commit the
 /// token generation moves and the worker is woken to reload them.
 pub fn tokens_changed_at_commit() {
     TOKENS_CHANGED.store(true, Ordering::Relaxed);
+}
+
+/// Marks the current transaction as changing the sinks: at commit the
+/// sinks generation moves and the worker is woken to reload them.
+pub fn sinks_changed_at_commit() {
+    SINKS_CHANGED.store(true, Ordering::Relaxed);
 }
 
 /// Wakes the relay worker if this backend's transaction wrote to the
@@ -277,6 +310,7 @@ pub fn tokens_changed_at_commit() {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT {
         TOKENS_CHANGED.store(false, Ordering::Relaxed);
+        SINKS_CHANGED.store(false, Ordering::Relaxed);
         return;
     }
     if event != pg_sys::XactEvent::XACT_EVENT_COMMIT && event != pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT {
@@ -285,6 +319,9 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     let Some(shared) = shared() else { return };
     if TOKENS_CHANGED.swap(false, Ordering::Relaxed) {
         shared.status.tokens_generation.fetch_add(1, Ordering::AcqRel);
+    }
+    if SINKS_CHANGED.swap(false, Ordering::Relaxed) {
+        shared.status.sinks_generation.fetch_add(1, Ordering::AcqRel);
     }
     // SAFETY: reading backend-local globals and setting a latch in shared
     // memory; SetLatch never raises an error.

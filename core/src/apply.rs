@@ -253,6 +253,34 @@ impl VersionUpdates {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty() && self.rows.is_empty() && self.floors.is_empty() && self.history.is_empty()
     }
+
+    /// Folds the updates of a later batch into these (both applied already;
+    /// they are published together): every version the maximum of the two,
+    /// the later last commit, counts added. The row limit still holds.
+    pub fn absorb(&mut self, later: VersionUpdates) {
+        for (label, v) in later.labels {
+            raise(&mut self.labels, label, v);
+        }
+        for (label, v) in later.floors {
+            raise(&mut self.floors, label, v);
+        }
+        self.folded.extend(later.folded);
+        for ((label, id), v) in later.rows {
+            self.raise_row(&label, &id, v);
+        }
+        self.history.extend(later.history);
+        self.history_bytes += later.history_bytes;
+        self.metadata.extend(later.metadata);
+        if later
+            .last_commit
+            .is_some_and(|l| self.last_commit.is_none_or(|c| l.event_id > c.event_id))
+        {
+            self.last_commit = later.last_commit;
+        }
+        self.transactions += later.transactions;
+        self.changes += later.changes;
+        self.no_history = later.no_history;
+    }
 }
 
 /// A row's version: ((label, identifier), version).
@@ -658,6 +686,37 @@ mod tests {
         );
         assert_eq!(gather_time(20, D::from_millis(2), 16, max), Some(D::from_micros(1600)));
         assert_eq!(gather_time(20, D::from_millis(2), 16, D::ZERO), None, "switched off");
+    }
+
+    #[test]
+    fn absorbing_a_later_batch_keeps_the_newest_of_everything() {
+        let mut a = VersionUpdates::with_row_limit(2);
+        add(&mut a, &Event::Begin(h(10)));
+        add(&mut a, &change(10, "p", Some("A"), None, false));
+        add(&mut a, &commit(10, None));
+        let mut b = VersionUpdates::with_row_limit(2);
+        add(&mut b, &Event::Begin(h(20)));
+        add(&mut b, &change(20, "p", Some("B"), None, false));
+        add(&mut b, &change(20, "q", None, None, true));
+        add(&mut b, &commit(20, None));
+        a.take_history();
+        b.take_history();
+        a.absorb(b);
+        assert_eq!(a.labels["p"].v, 20);
+        assert_eq!(
+            (a.rows[&("p".into(), "A".into())].v, a.rows[&("p".into(), "B".into())].v),
+            (10, 20)
+        );
+        assert_eq!(a.floors["q"].v, 20);
+        assert_eq!(a.last_commit.map(|c| c.event_id), Some(20));
+        assert_eq!((a.transactions, a.changes), (2, 3));
+        let mut c = VersionUpdates::with_row_limit(2);
+        add(&mut c, &Event::Begin(h(30)));
+        add(&mut c, &change(30, "p", Some("C"), None, false));
+        add(&mut c, &commit(30, None));
+        a.absorb(c);
+        assert!(a.rows.len() <= 2, "the row limit holds: {:?}", a.rows);
+        assert_eq!(a.floors["p"].v, 30, "folded rows are covered by the floor");
     }
 
     #[test]

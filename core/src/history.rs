@@ -51,6 +51,10 @@ pub struct ChangeView {
     /// The transaction's metadata object, when it has one (kept once per
     /// transaction, so readers add it).
     pub metadata: Option<String>,
+    /// A truncate: every table of this row's label it emptied, in order. It
+    /// is one change (one `seq`) kept as one history row per table; the row of
+    /// the first of them stands for the change where a change must appear once.
+    pub label_tables: Vec<String>,
 }
 
 fn row_json(row: Option<&Row<'_>>) -> Option<String> {
@@ -102,17 +106,20 @@ pub fn view_of(event: &Event<'_>, relid: u32) -> Option<ChangeView> {
             ..ChangeView::default()
         }),
         Event::Truncate(t) => {
-            let table = t
-                .tracked
-                .iter()
-                .find(|x| x.relid == relid)
-                .map(|x| x.table.to_string())
-                .unwrap_or_default();
+            let this = t.tracked.iter().find(|x| x.relid == relid);
+            let label_tables = this.map_or_else(Vec::new, |this| {
+                t.tracked
+                    .iter()
+                    .filter(|x| x.label == this.label)
+                    .map(|x| x.table.to_string())
+                    .collect()
+            });
             Some(ChangeView {
                 seq: t.seq,
                 xid: t.txn.xid,
                 op: "truncate",
-                table_name: table,
+                table_name: this.map(|x| x.table.to_string()).unwrap_or_default(),
+                label_tables,
                 ..ChangeView::default()
             })
         }
@@ -367,6 +374,11 @@ mod tests {
         };
         let v = row.view().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((v.op, v.table_name.as_str()), ("truncate", "public.b"));
+        assert_eq!(
+            v.label_tables,
+            ["public.a", "public.b"],
+            "both tables of label x, first stands for the change"
+        );
         assert!(!v.matches(&f));
     }
 

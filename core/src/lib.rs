@@ -12,6 +12,8 @@ pub mod chunk;
 pub mod cursor;
 pub mod event;
 pub mod filter;
+pub mod gate;
+pub mod ha;
 pub mod history;
 pub mod images;
 pub mod json;
@@ -20,7 +22,9 @@ pub mod metadata;
 pub mod options;
 pub mod pack;
 pub mod tables;
+pub mod thread;
 pub mod time;
+pub mod timeline;
 pub mod versions;
 
 pub use event::{Change, Column, Commit, Event, Message, Op, Row, Scalar, Tracking, TxnHeader, Value};

@@ -151,6 +151,12 @@ pub enum ReplyErrorKind {
     Foreign,
     /// The history after the cursor was pruned (or the cursor is ahead of the server).
     Expired,
+    /// The relay lost changes after the cursor (its slot was lost, invalidated or ahead of the history, or the
+    /// server was promoted without it): the client must reload.
+    Gap,
+    /// The cursor is on a timeline that diverged from the server's (a failover to a standby that lacked changes
+    /// the cursor may have seen): the client must reload.
+    Diverged,
     UnknownLabel,
     /// A label tracked with `history => false`: it has versions, no changes.
     NoHistory,

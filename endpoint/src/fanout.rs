@@ -412,6 +412,8 @@ pub(crate) fn error_code(e: &ReplyError) -> (&'static str, bool) {
         ReplyErrorKind::Malformed => ("bad_cursor", false),
         ReplyErrorKind::Foreign => ("cursor_foreign", true),
         ReplyErrorKind::Expired => ("cursor_expired", true),
+        ReplyErrorKind::Gap => ("history_gap", true),
+        ReplyErrorKind::Diverged => ("timeline_diverged", true),
         ReplyErrorKind::UnknownLabel => ("unknown_label", false),
         ReplyErrorKind::NoHistory => ("no_history", false),
         ReplyErrorKind::Internal => ("internal", false),

@@ -75,6 +75,14 @@ pub(crate) enum PollOutcome {
     Failed(ReplyError),
 }
 
+/// How many clients of each kind are subscribed.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ClientKinds {
+    pub websocket: usize,
+    pub sse: usize,
+    pub long_poll: usize,
+}
+
 pub(crate) struct Hub {
     pub cfg: Config,
     pub metrics: Arc<Metrics>,
@@ -125,6 +133,20 @@ impl Hub {
 
     pub fn remove(&mut self, id: ClientId) {
         self.clients.remove(&id);
+    }
+
+    /// Subscribed clients by kind (for `GET /status`).
+    pub fn client_kinds(&self) -> ClientKinds {
+        let mut k = ClientKinds::default();
+        for c in self.clients.values() {
+            match c.kind {
+                Kind::Plain => {}
+                Kind::Ws(_) => k.websocket += 1,
+                Kind::Sse(_) => k.sse += 1,
+                Kind::LongPoll(_) => k.long_poll += 1,
+            }
+        }
+        k
     }
 
     pub fn known_labels(&self) -> Option<&[String]> {

@@ -82,7 +82,10 @@ impl Inbox {
     pub fn publish(&self, msg: ToEndpoint) {
         // Sized before taking the lock, so the endpoint thread never waits for it.
         let bytes = match &msg {
-            ToEndpoint::Batch(b) => batch_bytes(b),
+            ToEndpoint::Batch(b) => {
+                self.metrics.received(b.changes.len());
+                batch_bytes(b)
+            }
             _ => 0,
         };
         {

@@ -14,6 +14,7 @@ mod auth;
 mod batch;
 mod config;
 mod connection;
+mod dashboard;
 mod fanout;
 mod feed;
 mod hub;
@@ -32,7 +33,6 @@ mod router;
 mod routes;
 mod server;
 mod shared;
-mod signals;
 mod sse;
 mod subscribe;
 mod timed_io;
@@ -55,6 +55,12 @@ pub use api::{
     MAX_HISTORY_ROWS,
 };
 pub use config::{Auth, Config, TlsFiles};
+
+/// The change object `{"type":"change","cursor":..,...}` exactly as the endpoint sends it to clients (the sinks
+/// deliver the same text).
+pub fn change_json(row: &ChangeRow) -> String {
+    messages::change(row)
+}
 
 /// The running endpoint, owned by the worker. Dropping it shuts it down like [`Endpoint::shutdown`].
 pub struct Endpoint {
@@ -130,7 +136,7 @@ pub fn start(config: Config) -> Result<(Endpoint, WorkerPort), String> {
             wake: wake_tx,
         },
     };
-    let thread = signals::spawn_with_signals_blocked("changerelay endpoint", move || {
+    let thread = changerelay_core::thread::spawn_with_signals_blocked("changerelay endpoint", move || {
         // A panic anywhere on the thread ends it here: by then the runtime and every task, listener, socket
         // and the worker's channel ends have been dropped (so the worker sees end-of-file and the ports are
         // free). The panic message went to stderr through the panic hook.

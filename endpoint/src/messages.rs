@@ -110,8 +110,8 @@ pub(crate) fn error(code: &str, message: &str, label: Option<&str>) -> String {
     out
 }
 
-/// `{"type":"resync","reason":"cursor_expired"|"cursor_foreign","labels":[..],"message":..}` (labels: of the
-/// WebSocket subscription concerned).
+/// `{"type":"resync","reason":"cursor_expired"|"cursor_foreign"|"history_gap"|"timeline_diverged","labels":[..],
+/// "message":..}` (labels: of the WebSocket subscription concerned).
 pub(crate) fn resync(reason: &str, message: &str, labels: Option<&[String]>) -> String {
     let mut out = String::from("{\"type\":\"resync\",\"reason\":");
     push_str(&mut out, reason);

@@ -42,6 +42,10 @@ const REFUSALS: [(Refusal, &str); 11] = [
 
 #[derive(Default)]
 pub(crate) struct Metrics {
+    /// Batches the worker published (queued or left out as a gap), and the change rows they carried (a
+    /// batch with `rows_omitted` carries none).
+    pub batches_received: AtomicU64,
+    pub changes_received: AtomicU64,
     pub messages_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub auth_failures: AtomicU64,
@@ -58,6 +62,14 @@ pub(crate) fn bump(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
 
+/// The running totals `GET /status` shows.
+pub(crate) struct Totals {
+    pub batches: u64,
+    pub changes: u64,
+    pub messages_sent: u64,
+    pub bytes_sent: u64,
+}
+
 /// Gauges the hub knows, for [`Metrics::render`].
 pub(crate) struct Gauges<'a> {
     pub connections: usize,
@@ -71,6 +83,22 @@ impl Metrics {
     pub fn sent(&self, bytes: usize) {
         bump(&self.messages_sent, 1);
         bump(&self.bytes_sent, bytes as u64);
+    }
+
+    /// A batch the worker published, with its change rows.
+    pub fn received(&self, changes: usize) {
+        bump(&self.batches_received, 1);
+        bump(&self.changes_received, changes as u64);
+    }
+
+    pub fn totals(&self) -> Totals {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Totals {
+            batches: load(&self.batches_received),
+            changes: load(&self.changes_received),
+            messages_sent: load(&self.messages_sent),
+            bytes_sent: load(&self.bytes_sent),
+        }
     }
 
     pub fn refused(&self, why: Refusal) {
@@ -118,6 +146,16 @@ impl Metrics {
             g.requests_queued as u64,
         );
         let counters = [
+            (
+                "batches_received",
+                "Batches the relay worker published (those left out as gaps included).",
+                load(&self.batches_received),
+            ),
+            (
+                "changes_received",
+                "Change rows in the batches the relay worker published (a batch sent without its rows counts none).",
+                load(&self.changes_received),
+            ),
             (
                 "messages_sent",
                 "Messages (WebSocket messages, SSE events, HTTP responses) sent.",

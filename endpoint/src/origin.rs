@@ -5,7 +5,7 @@
 //! 80 plain, 443 TLS); or an entry of `allowed_hosts`. A page on a rebound name (`evil.example:8432`) is
 //! refused.
 //!
-//! Origin (WebSocket, SSE, long-poll, versions): absent (a non-browser client), or under trust a loopback
+//! Origin (WebSocket, SSE, long-poll, versions, status): absent (a non-browser client), or under trust a loopback
 //! origin (`http(s)://localhost|127.x.x.x|[::1][:port]`), or under token auth one of `allowed_origins` or the
 //! same host as the request's (valid) `Host`. `null` and other values are refused.
 

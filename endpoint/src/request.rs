@@ -98,11 +98,13 @@ pub(crate) fn authorize(head: &Head, ctx: &Ctx) -> Result<(Query, Principal), Re
 pub(crate) fn reply_error_response(e: &ReplyError) -> Response {
     match e.kind {
         ReplyErrorKind::Malformed => bad_request(&e.message),
-        ReplyErrorKind::Foreign => Response::json(410, messages::resync("cursor_foreign", &e.message, None)),
-        ReplyErrorKind::Expired => Response::json(410, messages::resync("cursor_expired", &e.message, None)),
         ReplyErrorKind::UnknownLabel => Response::error(404, "unknown_label", &e.message),
         ReplyErrorKind::NoHistory => Response::error(409, "no_history", &e.message),
         ReplyErrorKind::Internal => Response::error(500, "internal", &e.message),
+        _ => {
+            let (reason, _) = crate::fanout::error_code(e);
+            Response::json(410, messages::resync(reason, &e.message, None))
+        }
     }
 }
 

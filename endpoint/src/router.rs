@@ -8,7 +8,7 @@ use hyper::{Method, Request};
 use crate::origin::{check_host, check_origin};
 use crate::request::{Ctx, Head};
 use crate::response::{HttpResponse, Response};
-use crate::{longpoll, routes, sse, ws};
+use crate::{dashboard, longpoll, routes, sse, ws};
 
 /// The hyper service: every request of a connection comes here.
 pub(crate) async fn handle(mut req: Request<Incoming>, ctx: Ctx) -> Result<HttpResponse, Infallible> {
@@ -35,7 +35,8 @@ async fn route(req: &mut Request<Incoming>, head: Head, ctx: &Ctx) -> HttpRespon
     if let Err(r) = check_host(&head, ctx) {
         return whole(r);
     }
-    let feed = matches!(head.path.as_str(), "/ws" | "/events" | "/changes") || head.path.starts_with("/versions/");
+    let feed =
+        matches!(head.path.as_str(), "/ws" | "/events" | "/changes" | "/status") || head.path.starts_with("/versions/");
     if feed {
         if let Err(r) = check_origin(&head, ctx) {
             return whole(r);
@@ -43,6 +44,7 @@ async fn route(req: &mut Request<Incoming>, head: Head, ctx: &Ctx) -> HttpRespon
     }
     match head.path.as_str() {
         "/metrics" => whole(routes::metrics(ctx)),
+        "/status" => whole(routes::status(&head, ctx)),
         "/debug/panic" if ctx.shared.cfg.debug_panic_path => {
             panic!("changerelay endpoint: GET /debug/panic (debug_panic_path is set)")
         }
@@ -56,6 +58,9 @@ async fn route(req: &mut Request<Incoming>, head: Head, ctx: &Ctx) -> HttpRespon
         },
         "/changes" => whole(longpoll::serve(&head, ctx).await),
         p if p.starts_with("/versions/") => whole(routes::versions(&head, ctx).await),
-        _ => whole(Response::error(404, "not_found", "no such endpoint")),
+        p => match dashboard::asset(p) {
+            Some((content_type, body)) => whole(dashboard::serve(&head, ctx, content_type, body)),
+            None => whole(Response::error(404, "not_found", "no such endpoint")),
+        },
     }
 }

@@ -1,4 +1,4 @@
-//! The one-shot endpoints: `/health` (and `/health-check`), `/metrics` and `/versions/{label}`.
+//! The one-shot endpoints: `/health` (and `/health-check`), `/metrics`, `/status` and `/versions/{label}`.
 
 use std::time::Duration;
 
@@ -33,6 +33,42 @@ pub(crate) fn health(ctx: &Ctx) -> Response {
         ),
     };
     Response::json(code, body.to_string()).header("cache-control", "no-cache")
+}
+
+/// `GET /status`: what the dashboard shows, for a token: the worker's state and lag, the connections by kind,
+/// the labels this token may read, and the endpoint's running totals (rates are the client's to derive).
+pub(crate) fn status(head: &Head, ctx: &Ctx) -> Response {
+    let (_, who) = match authorize(head, ctx) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let hub = ctx.shared.hub.borrow();
+    let admission = ctx.shared.admission.borrow();
+    let worker = match &hub.status {
+        Some(s) => json!({"state": s.state, "consuming": s.consuming, "last_event_id": s.last_event_id,
+            "lag_bytes": s.lag_bytes, "cursor": s.head}),
+        None => json!({"state": "starting", "consuming": false, "last_event_id": 0, "lag_bytes": 0,
+            "cursor": null}),
+    };
+    let kinds = hub.client_kinds();
+    let labels: Vec<&String> = hub
+        .known_labels()
+        .unwrap_or_default()
+        .iter()
+        .filter(|l| who.allows(l))
+        .collect();
+    let totals = ctx.shared.metrics.totals();
+    let body = json!({
+        "worker": worker,
+        "clients": {"connections": admission.total, "unauthenticated": admission.unauthenticated,
+            "websocket": kinds.websocket, "sse": kinds.sse, "long_poll": kinds.long_poll,
+            "worker_requests": hub.requests.in_flight() + hub.requests.queued()},
+        "labels": labels,
+        "totals": {"batches": totals.batches, "changes": totals.changes, "messages_sent": totals.messages_sent,
+            "bytes_sent": totals.bytes_sent},
+        "uptime_ms": u64::try_from(ctx.shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    });
+    Response::json(200, body.to_string()).header("cache-control", "no-cache")
 }
 
 pub(crate) fn metrics(ctx: &Ctx) -> Response {

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::FutureExt;
 use tokio::sync::Notify;
@@ -31,6 +32,8 @@ pub(crate) struct Shared {
     pub listen: Vec<SocketAddr>,
     /// Connections being refused right now (bounded, each lingers briefly).
     pub refusing: Cell<usize>,
+    /// When this endpoint started (`uptime_ms` of `/status`).
+    pub started: Instant,
     /// A task's panic, for the dispatcher to resume.
     panicked: RefCell<Option<Box<dyn Any + Send>>>,
     panic: Notify,
@@ -56,6 +59,7 @@ impl Shared {
             tls,
             listen,
             refusing: Cell::new(0),
+            started: Instant::now(),
             panicked: RefCell::new(None),
             panic: Notify::new(),
         })

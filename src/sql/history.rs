@@ -6,7 +6,10 @@
 //! `changerelay.history` hands each row only to roles that can SELECT its
 //! table. `watch()` sleeps on the shared condition variable the worker
 //! broadcasts after each batch, and reads with a fresh snapshot each time it
-//! wakes (READ COMMITTED).
+//! wakes (READ COMMITTED). On a hot standby (no worker) both read the
+//! replicated history; `watch()` then looks at the replay position every
+//! 50 ms instead. With the publish gate on, readers see no event newer than
+//! what the worker published (what the standbys have).
 
 use crate::errors::raise;
 use crate::shmem;
@@ -65,9 +68,13 @@ ALTER TABLE changerelay.history_metadata ENABLE ROW LEVEL SECURITY;
 CREATE POLICY history_metadata_readable ON changerelay.history_metadata FOR SELECT
     USING (EXISTS (SELECT 1 FROM changerelay.history h WHERE h.event_id = history_metadata.event_id));
 -- event_id: history at or before (event_id, end of that transaction) has been
--- pruned. applied: the last transaction whose history the relay worker wrote;
--- written in the same transaction as that history, so a batch decoded again
--- after a crash is recognised and skipped instead of written twice.
+-- pruned (or lies before a gap, see history_gaps). applied: the last
+-- transaction the relay worker applied; written in the same transaction as its
+-- history, so a batch decoded again after a crash is recognised and skipped
+-- instead of written twice. decoded_upto: the WAL position decoding had
+-- reached at that write (the worker's slot is never confirmed beyond it; a
+-- slot that is, after a failover, consumed changes this history lacks);
+-- timeline: the timeline of that write (a promotion shows as a change).
 -- versions_exact: label_versions and row_versions hold every version shared
 -- memory shows. The worker writes versions at checkpoints and sets this false
 -- before shared memory shows one the tables do not hold; after a restart that
@@ -76,9 +83,24 @@ CREATE TABLE changerelay.history_horizon (
     one bool PRIMARY KEY DEFAULT true CHECK (one),
     event_id bigint NOT NULL,
     applied bigint NOT NULL DEFAULT 0,
-    versions_exact bool NOT NULL DEFAULT true
+    versions_exact bool NOT NULL DEFAULT true,
+    decoded_upto bigint,
+    timeline bigint
 );
 INSERT INTO changerelay.history_horizon (one, event_id, applied) VALUES (true, 0, 0);
+-- decoded_upto of idle steps (WAL with no tracked change): kept in a sequence,
+-- whose changes no logical decoding stream shows (only an empty transaction).
+CREATE SEQUENCE changerelay.decoded_mark MINVALUE 0 START 0;
+-- Gaps: the relay lost changes (its slot was dropped or invalidated, was
+-- confirmed beyond this history, or this server was promoted without it).
+-- Cursors before event_id get the error of the reason; see README, HA.
+CREATE TABLE changerelay.history_gaps (
+    event_id bigint PRIMARY KEY,
+    reason text NOT NULL,
+    detail text NOT NULL,
+    timeline bigint NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
 -- Transactions the relay worker could not apply, with their frames: the
 -- versions they touched were moved; their history is missing. Superusers
 -- only (the frames hold row data).
@@ -98,8 +120,9 @@ CREATE TABLE changerelay.dead_letter_frames (
     PRIMARY KEY (event_id, n)
 );
 REVOKE ALL ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon,
-              changerelay.dead_letters, changerelay.dead_letter_frames FROM PUBLIC;
-GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon TO PUBLIC;
+              changerelay.history_gaps, changerelay.dead_letters, changerelay.dead_letter_frames FROM PUBLIC;
+GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.history_horizon,
+                changerelay.history_gaps, changerelay.decoded_mark TO PUBLIC;
 "#,
     name = "history_tables",
     requires = ["tracking_tables"]
@@ -107,7 +130,7 @@ GRANT SELECT ON changerelay.history, changerelay.history_metadata, changerelay.h
 
 /// Checks `labels` exist, keep history, and that the caller may read every
 /// table of each.
-fn check_labels(labels: &[String]) {
+pub(crate) fn check_labels(labels: &[String]) {
     for label in labels {
         if !crate::sql::label_known(label) {
             crate::sql::unknown_label(label);
@@ -140,7 +163,7 @@ pub fn no_history_message(label: &str) -> String {
     format!("label \"{label}\" keeps no history")
 }
 
-fn parse_filter(filter: Option<&JsonB>) -> Option<Filter> {
+pub(crate) fn parse_filter(filter: Option<&JsonB>) -> Option<Filter> {
     let value = &filter?.0;
     match Filter::parse(value) {
         Ok(f) => Some(f),
@@ -165,6 +188,11 @@ pub struct Request {
     /// Stop once the rows read hold this many bytes of frames (at least one
     /// row is always returned).
     pub max_bytes: usize,
+    /// Read no event after this one (the publish gate: what the standbys
+    /// have); `None`: everything committed.
+    pub upto: Option<u64>,
+    /// Read no row after this position (a consumer's lease).
+    pub until: Option<(u64, u32)>,
 }
 
 fn request(
@@ -206,6 +234,7 @@ fn request(
         max_events,
         filter,
         max_bytes: usize::MAX,
+        upto: cursors::published_cap(),
     }
 }
 
@@ -239,10 +268,11 @@ const SEEK: &str = "SELECT h.batch FROM changerelay.history h
      WHERE (h.event_id, h.pos) <= ($1, $2) AND ($3::pg_catalog.text[] IS NULL OR h.label = ANY ($3))
      ORDER BY h.event_id DESC, h.pos DESC LIMIT 1";
 /// Chunks in order of their first change that hold changes after the
-/// cursor ($5, $6), from a start ($1, $2).
+/// cursor ($5, $6), from a start ($1, $2), beginning at or before ($7, $8).
 const CHUNKS: &str = "SELECT h.event_id, h.pos, h.relid, h.label, h.frames
       FROM changerelay.history h
      WHERE (h.event_id, h.pos) > ($1, $2) AND (h.last_event_id, h.last_pos) > ($5, $6)
+       AND (h.event_id, h.pos) <= ($7, $8)
        AND ($3::pg_catalog.text[] IS NULL OR h.label = ANY ($3))
      ORDER BY h.event_id, h.pos LIMIT $4";
 const METADATA: &str = "SELECT m.event_id, m.metadata::pg_catalog.text FROM changerelay.history_metadata m
@@ -256,7 +286,7 @@ struct StoredChunk {
     frames: Vec<u8>,
 }
 
-fn read_chunks(from: Position, req: &Request) -> Result<Vec<StoredChunk>, String> {
+fn read_chunks(from: Position, req: &Request, last_allowed: Position) -> Result<Vec<StoredChunk>, String> {
     let after = req.after.position();
     let args: Vec<DatumWithOid<'_>> = vec![
         (from.0.min(i64::MAX as u64) as i64).into(),
@@ -265,6 +295,8 @@ fn read_chunks(from: Position, req: &Request) -> Result<Vec<StoredChunk>, String
         CHUNK_PAGE.into(),
         (after.0.min(i64::MAX as u64) as i64).into(),
         i64::from(after.1).into(),
+        (last_allowed.0.min(i64::MAX as u64) as i64).into(),
+        i64::from(last_allowed.1).into(),
     ];
     crate::sql::select_all(CHUNKS, &args, |r| {
         Ok(StoredChunk {
@@ -326,46 +358,77 @@ fn add_metadata(views: &mut [ChangeView]) -> Result<(), String> {
 /// order ([`Merge`]); filters and row-level security apply to the decoded
 /// rows, a page at a time.
 pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
+    read_page(req).map(|(rows, _)| rows)
+}
+
+/// [`read_rows`], and the position the read covers: the last row returned
+/// when it stopped at `max_events` or `max_bytes`, otherwise the last row it
+/// looked at (rows after it that the filter or privileges left out count as
+/// read). Rows become visible in history order, so nothing can appear at or
+/// before that position later.
+pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, Position), String> {
+    // The publish gate caps whole events; a lease caps a position. Rows
+    // before `cap` (exclusive) may be read.
+    let mut last_allowed = (req.upto.unwrap_or(u64::MAX), u32::MAX);
+    if let Some(until) = req.until {
+        last_allowed = last_allowed.min(until);
+    }
+    let cap = successor(last_allowed);
     let want = req.max_events.max(1) as usize;
     let mut out = Vec::new();
     let mut bytes = 0usize;
+    let mut at = req.after.position();
     // SAFETY: a fresh snapshot for this read only, popped right after.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     let read = (|| -> Result<(), String> {
         let mut from = seek(req)?;
         let mut merge = Merge::after(req.after.position());
+        // Pops what is ready before `next` (and before the cap) into `out`;
+        // true when `out` is full.
+        let mut drain = |merge: &mut Merge, next: Option<Position>, out: &mut Vec<ChangeView>| {
+            let before = match (next, cap) {
+                (Some(n), Some(c)) => Some(n.min(c)),
+                (n, c) => n.or(c),
+            };
+            let mut views = Vec::new();
+            while views.len() + out.len() < want {
+                let Some(row) = merge.pop_before(before) else { break };
+                at = (row.event_id, row.pos);
+                views.push(view_or_marker(&row));
+            }
+            let full = emit(req, views, out, &mut bytes, want)?;
+            if full {
+                if let Some(last) = out.last() {
+                    at = (last.event_id, last.pos);
+                }
+            }
+            Ok::<bool, String>(full)
+        };
         loop {
-            let chunks = read_chunks(from, req)?;
+            let chunks = read_chunks(from, req, last_allowed)?;
             let last_page = (chunks.len() as i64) < CHUNK_PAGE;
             let mut chunks = chunks.into_iter().peekable();
             while let Some(c) = chunks.next() {
                 from = c.first;
-                merge.add(chunk::unpack(&c.frames, c.relid, &c.label).unwrap_or_else(|e| vec![damaged(&c, &e)]));
+                let beyond_cap = cap.is_some_and(|cap| c.first >= cap);
+                if !beyond_cap {
+                    merge.add(chunk::unpack(&c.frames, c.relid, &c.label).unwrap_or_else(|e| vec![damaged(&c, &e)]));
+                }
                 // Every change before the next chunk's first is ready; after
                 // the last chunk of a page, the next page tells.
-                let bound = match chunks.peek() {
+                let next = match chunks.peek() {
                     Some(next) => Some(next.first),
                     None if last_page => None,
                     None => continue,
                 };
-                let mut views = Vec::new();
-                while views.len() + out.len() < want {
-                    let Some(row) = merge.pop_before(bound) else { break };
-                    views.push(view_or_marker(&row));
-                }
-                if emit(req, views, &mut out, &mut bytes, want)? {
+                if drain(&mut merge, next, &mut out)? || beyond_cap {
                     return Ok(());
                 }
             }
             if last_page {
                 // Whatever the last chunk left held (it may have ended a
                 // full page that was followed by nothing) is ready now.
-                let mut views = Vec::new();
-                while views.len() + out.len() < want {
-                    let Some(row) = merge.pop_before(None) else { break };
-                    views.push(view_or_marker(&row));
-                }
-                emit(req, views, &mut out, &mut bytes, want)?;
+                drain(&mut merge, None, &mut out)?;
                 return Ok(());
             }
         }
@@ -378,7 +441,15 @@ pub fn read_rows(req: &Request) -> Result<Vec<ChangeView>, String> {
     // turns that into the documented error.
     not_expired(&req.after).map_err(|p| p.message())?;
     read.map_err(|e| format!("could not read history: {e}"))?;
-    Ok(out)
+    Ok((out, at))
+}
+
+/// The position right after `p` (`None`: there is none).
+fn successor(p: Position) -> Option<Position> {
+    match p {
+        (e, u32::MAX) => e.checked_add(1).map(|e| (e, 0)),
+        (e, pos) => Some((e, pos + 1)),
+    }
 }
 
 /// Filters and checks rows ready in commit order and adds them to `out`;
@@ -462,7 +533,7 @@ fn fetch(req: &Request) -> Vec<ChangeTuple> {
 }
 
 /// One row of `changes()`/`watch()`.
-type ChangeTuple = (
+pub(crate) type ChangeTuple = (
     String,
     i64,
     i32,
@@ -478,7 +549,7 @@ type ChangeTuple = (
     Option<JsonbText>,
 );
 
-fn tuple(v: ChangeView) -> ChangeTuple {
+pub(crate) fn tuple(v: ChangeView) -> ChangeTuple {
     let cursor = cursor_after(&v).encode();
     (
         cursor,
@@ -529,7 +600,7 @@ fn changes(
     TableIterator::new(fetch(&req))
 }
 
-fn interval_ms(i: &Interval) -> i64 {
+pub(crate) fn interval_ms(i: &Interval) -> i64 {
     let days = i64::from(i.months()) * 30 + i64::from(i.days());
     days.saturating_mul(86_400_000).saturating_add(i.micros() / 1000)
 }
@@ -589,11 +660,19 @@ fn watch(
     };
     let deadline = Instant::now() + Duration::from_millis(timeout_ms as u64);
     let cv = std::ptr::from_ref(&shared.cv).cast_mut();
+    let mut req = req;
     loop {
         let seen = shared.status.last_event_id.load(Ordering::Acquire);
+        req.upto = cursors::published_cap();
         let rows = fetch(&req);
         if !rows.is_empty() || Instant::now() >= deadline {
             return TableIterator::new(rows);
+        }
+        if crate::ha::in_recovery() {
+            // A standby has no relay worker to wake watchers: look again
+            // once replay has moved on.
+            wait_for_replay(deadline);
+            continue;
         }
         // Sleep until the worker applies another batch. Interrupts
         // (pg_cancel_backend, statement_timeout) are served inside the sleep
@@ -617,3 +696,35 @@ fn watch(
         }
     }
 }
+
+/// On a standby: sleeps until replay has moved past where it was (checked
+/// every [`STANDBY_POLL`]), `deadline`, or promotion.
+fn wait_for_replay(deadline: Instant) {
+    // SAFETY: reads the replay position from shared memory.
+    let replayed = unsafe { pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()) };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !crate::ha::in_recovery() {
+            return;
+        }
+        // SAFETY: waits on this backend's own latch; interrupts (cancel,
+        // statement_timeout) are served right after.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                left.min(STANDBY_POLL).as_millis().max(1) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+        // SAFETY: as above.
+        if unsafe { pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()) } != replayed {
+            return;
+        }
+    }
+}
+
+/// How often `watch()` on a standby looks at the replay position.
+const STANDBY_POLL: Duration = Duration::from_millis(50);

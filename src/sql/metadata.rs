@@ -12,6 +12,7 @@ use pgrx::JsonB;
 /// and repeats the result on the commit record.
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_metadata(metadata: JsonB) {
+    crate::sql::require_primary("set transaction metadata");
     let text = metadata.0.to_string();
     if let Err(why) = validate(&text, &metadata.0) {
         raise(

@@ -1,10 +1,13 @@
 //! SQL functions in schema `changerelay`.
 
 pub mod access;
+pub mod consumers;
 pub mod cursors;
+mod ha_status;
 pub mod history;
-mod jsonb;
+pub mod jsonb;
 pub mod metadata;
+pub mod sinks;
 pub mod tokens;
 mod tracking;
 mod upgrade;
@@ -22,6 +25,18 @@ pub fn require_preloaded() {
             "pg_changerelay must be loaded via shared_preload_libraries",
             Some("The relay worker and its shared-memory version map are set up when the server starts.".into()),
             "Add pg_changerelay to shared_preload_libraries in postgresql.conf and restart the server.",
+        );
+    }
+}
+
+/// Errors on a hot standby: `what` writes, and a standby is read-only.
+pub fn require_primary(what: &str) {
+    if crate::ha::in_recovery() {
+        raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("cannot {what} on a standby"),
+            Some("A hot standby answers changes(), watch(), version(), versions(), version_map() and status() from the replicated history; everything that writes belongs on the primary.".into()),
+            "Run it on the primary.",
         );
     }
 }
@@ -52,6 +67,31 @@ pub fn select_all<T>(
     mut f: impl FnMut(&pgrx::spi::SpiHeapTupleData<'_>) -> Result<T, pgrx::spi::Error>,
 ) -> Result<Vec<T>, pgrx::spi::Error> {
     pgrx::Spi::connect(|client| client.select(sql, None, args)?.map(|row| f(&row)).collect())
+}
+
+/// Runs a statement that writes or locks (`UPDATE … RETURNING`, `FOR
+/// UPDATE`) and maps every row it returns with `f`.
+pub fn write_all<T>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+    mut f: impl FnMut(&pgrx::spi::SpiHeapTupleData<'_>) -> Result<T, pgrx::spi::Error>,
+) -> Result<Vec<T>, pgrx::spi::Error> {
+    pgrx::Spi::connect_mut(|client| client.update(sql, None, args)?.map(|row| f(&row)).collect())
+}
+
+/// [`write_all`]'s first column of its first row.
+pub fn write_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Result<Option<T>, pgrx::spi::Error> {
+    pgrx::Spi::connect_mut(|client| {
+        let table = client.update(sql, None, args)?;
+        if table.is_empty() {
+            Ok(None)
+        } else {
+            table.first().get::<T>(1)
+        }
+    })
 }
 
 /// Whether `label` is tracked now or has versions from before.

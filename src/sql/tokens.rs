@@ -70,8 +70,9 @@ fn tokens_changed<'a>(
     Ok(None)
 }
 
-/// Errors unless the role may manage tokens.
-fn require_token_admin() {
+/// Errors unless the role may manage `what` (tokens, consumers, sinks):
+/// superusers and members of changerelay_admin.
+pub(crate) fn require_admin(what: &str) {
     // SAFETY: reading the session's role on the main thread.
     if unsafe { pg_sys::superuser() } {
         return;
@@ -86,14 +87,14 @@ fn require_token_admin() {
     if !member {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied to manage pg_changerelay tokens",
+            format!("permission denied to manage pg_changerelay {what}"),
             None,
-            "Tokens are managed by superusers and members of changerelay_admin: GRANT changerelay_admin TO the role.",
+            format!("pg_changerelay {what} are managed by superusers and members of changerelay_admin: GRANT changerelay_admin TO the role."),
         );
     }
 }
 
-fn check_name(what: &str, value: &str) {
+pub(crate) fn check_name(what: &str, value: &str) {
     if !valid_label(value) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -127,7 +128,8 @@ fn new_secret() -> String {
 #[pg_extern(volatile)]
 fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) -> String {
     require_preloaded();
-    require_token_admin();
+    crate::sql::require_primary("create a token");
+    require_admin("tokens");
     check_name("token name", name);
     if labels.is_empty() {
         raise(
@@ -215,7 +217,8 @@ fn create_token(name: &str, labels: Vec<String>, rows: default!(bool, false)) ->
 #[pg_extern(volatile)]
 fn revoke_token(name: &str) {
     require_preloaded();
-    require_token_admin();
+    crate::sql::require_primary("revoke a token");
+    require_admin("tokens");
     let deleted = access::as_role(access::extension_owner(), || {
         Spi::connect_mut(|c| {
             c.update("DELETE FROM changerelay.tokens WHERE name = $1", None, &[name.into()])
@@ -254,7 +257,7 @@ fn tokens() -> TableIterator<
     ),
 > {
     require_preloaded();
-    require_token_admin();
+    require_admin("tokens");
     let rows = crate::sql::select_all(
         "SELECT name, labels, rows_allowed, created_at, created_by::text FROM changerelay.tokens ORDER BY name",
         &[],

@@ -161,6 +161,7 @@ RETURNS void VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 fn track(rel: Option<pg_sys::Oid>, label: Option<&str>, identifier: Option<&str>, history: Option<bool>) {
     let history = history.unwrap_or(true);
     require_preloaded();
+    crate::sql::require_primary("track a table");
     let Some(rel) = rel else {
         raise(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
@@ -295,6 +296,7 @@ RETURNS void VOLATILE STRICT LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#)]
 fn untrack(rel: pg_sys::Oid) {
     require_preloaded();
+    crate::sql::require_primary("untrack a table");
     let removed = Spi::get_one_with_args::<String>(
         "WITH gone AS (DELETE FROM changerelay.tracked_tables WHERE rel = $1::oid::regclass RETURNING label)
          SELECT (SELECT label FROM gone LIMIT 1)",

@@ -303,7 +303,8 @@ pub fn version_map_for_endpoint(label: &str, known: bool) -> Option<(String, Str
     ))
 }
 
-/// The relay worker's state, its slot's progress and the map's fill.
+/// The relay worker's state, its slot's progress, the map's fill and where
+/// this server stands in a replicated cluster (`ha`).
 #[pg_extern(volatile)]
 fn status() -> JsonB {
     require_preloaded();
@@ -314,20 +315,18 @@ fn status() -> JsonB {
     let state = WorkerState::from_u32(st.state.load(Ordering::Acquire));
     let pid = st.pid.load(Ordering::Acquire);
     let slot = crate::gucs::slot_name();
-    let (confirmed, lag) = Spi::connect(|c| {
-        let t = c.select(
-            "SELECT confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8
-               FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-            Some(1),
-            &[slot.as_str().into()],
-        )?;
-        if t.is_empty() {
-            return Ok::<_, pgrx::spi::Error>((None, None));
-        }
-        let r = t.first();
-        Ok((r.get::<String>(1)?, r.get::<i64>(2)?))
-    })
-    .unwrap_or((None, None));
+    let row = crate::sql::select_one::<JsonB>(
+        "SELECT pg_catalog.to_jsonb(s) || pg_catalog.jsonb_build_object('lag_bytes',
+                (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()
+                      ELSE pg_catalog.pg_current_wal_lsn() END - s.confirmed_flush_lsn)::int8)
+           FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = $1",
+        &[slot.as_str().into()],
+    )
+    .ok()
+    .flatten()
+    .map(|j| j.0)
+    .unwrap_or(Value::Null);
+    let field = |k: &str| row.get(k).cloned().unwrap_or(Value::Null);
     let (used, labels, evictions) = shmem::with_map(|m| {
         (
             m.header.used,
@@ -337,7 +336,49 @@ fn status() -> JsonB {
     })
     .unwrap_or((0, 0, 0));
     let last_ts = st.last_commit_ts.load(Ordering::Acquire);
+    // Names only (no filters, no URLs): whoever may call status() may see them. The tables are missing
+    // while the extension waits for ALTER EXTENSION UPDATE from 0.1.0.
+    let (consumers, sinks) = crate::sql::access::as_role(crate::sql::access::extension_owner(), || {
+        let q = |table: &str, sql: &str| {
+            let exists =
+                crate::sql::select_one::<bool>("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[table.into()])
+                    .ok()
+                    .flatten()
+                    .unwrap_or(false);
+            if !exists {
+                return Value::Null;
+            }
+            crate::sql::select_one::<JsonB>(sql, &[])
+                .ok()
+                .flatten()
+                .map_or(Value::Null, |j| j.0)
+        };
+        (
+            q(
+                "changerelay.consumers",
+                "SELECT pg_catalog.json_build_object('count', count(*),
+                      'lagging', coalesce(pg_catalog.jsonb_agg(name ORDER BY name) FILTER (WHERE lagging_since IS NOT NULL), '[]'))::jsonb
+                 FROM changerelay.consumers",
+            ),
+            q(
+                "changerelay.sinks",
+                "SELECT pg_catalog.json_build_object('count', count(*),
+                      'lagging', coalesce(pg_catalog.jsonb_agg(name ORDER BY name) FILTER (WHERE lagging_since IS NOT NULL), '[]'),
+                      'not_streaming', coalesce(pg_catalog.jsonb_agg(name ORDER BY name) FILTER (WHERE state <> 'streaming'), '[]'))::jsonb
+                 FROM changerelay.sinks",
+            ),
+        )
+    });
+    let mut sinks = sinks;
+    if let Some(o) = sinks.as_object_mut() {
+        o.insert(
+            "thread_restarts".into(),
+            Value::from(st.sinks_restarts.load(Ordering::Relaxed)),
+        );
+    }
     JsonB(json!({
+        "consumers": consumers,
+        "sinks": sinks,
         "enabled": crate::gucs::enabled(),
         "worker": {
             "pid": if pid > 0 { Value::from(pid) } else { Value::Null },
@@ -348,8 +389,14 @@ fn status() -> JsonB {
         },
         "slot": {
             "name": slot,
-            "confirmed_lsn": confirmed,
-            "lag_bytes": lag,
+            "confirmed_lsn": field("confirmed_flush_lsn"),
+            "lag_bytes": field("lag_bytes"),
+            "wal_status": field("wal_status"),
+            "safe_wal_size": field("safe_wal_size"),
+            "invalidation_reason": field("invalidation_reason"),
+            "failover": field("failover"),
+            "synced": field("synced"),
+            "temporary": field("temporary"),
         },
         "last_event_id": st.last_event_id.load(Ordering::Acquire),
         "last_commit_ts": if last_ts > 0 { Value::from(last_ts) } else { Value::Null },
@@ -373,5 +420,6 @@ fn status() -> JsonB {
             },
             "restarts": st.endpoint_restarts.load(Ordering::Relaxed),
         },
+        "ha": super::ha_status::ha(&row),
     }))
 }

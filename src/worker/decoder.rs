@@ -39,6 +39,34 @@ unsafe extern "C-unwind" {
     fn LogicalDecodingProcessRecord(ctx: *mut pg_sys::LogicalDecodingContext, record: *mut pg_sys::XLogReaderState);
 }
 
+/// The WAL page callback: `read_local_xlog_page`, except that while the
+/// page is not flushed yet it waits here and gives up (-1: `XLogReadRecord`
+/// returns no record and no error) once SIGTERM has arrived.
+/// `read_local_xlog_page` itself waits in a loop that only a backend's die()
+/// ends, and the flush position can cut through a record (the WAL writer
+/// flushes whole pages) whose rest, at shutdown, is never flushed: the
+/// worker hung there until the postmaster gave up on it.
+unsafe extern "C-unwind" fn read_page_or_stop(
+    state: *mut pg_sys::XLogReaderState,
+    target_page: pg_sys::XLogRecPtr,
+    req_len: std::ffi::c_int,
+    target_rec: pg_sys::XLogRecPtr,
+    cur_page: *mut std::ffi::c_char,
+) -> std::ffi::c_int {
+    let wanted = target_page + req_len.max(0) as u64;
+    // SAFETY: reading the flush position from shared memory and sleeping,
+    // on the main thread (decoding calls this from XLogReadRecord).
+    while wanted > unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) } {
+        if crate::compat::sigterm_received() {
+            return -1;
+        }
+        // SAFETY: as above; 1 ms, as read_local_xlog_page waits.
+        unsafe { pg_sys::pg_usleep(1000) };
+    }
+    // SAFETY: the arguments are XLogReadRecord's, passed on unchanged.
+    unsafe { c_read_local_xlog_page(state, target_page, req_len, target_rec, cur_page) }
+}
+
 /// Options the worker decodes with.
 const OPTIONS: &[(&str, &str)] = &[("format", "binary"), ("tracked", "true"), ("include_messages", "false")];
 
@@ -66,7 +94,7 @@ impl Decoder {
                 options = pg_sys::lappend(options, elem.cast());
             }
             let mut routine = pg_sys::XLogReaderRoutine {
-                page_read: Some(c_read_local_xlog_page),
+                page_read: Some(read_page_or_stop),
                 segment_open: Some(c_wal_segment_open),
                 segment_close: Some(c_wal_segment_close),
             };
@@ -89,6 +117,12 @@ impl Decoder {
             pg_sys::CurrentResourceOwner = std::ptr::null_mut();
             Decoder { ctx, owner, out }
         }
+    }
+
+    /// Where decoding has read up to.
+    pub fn position(&self) -> u64 {
+        // SAFETY: the reader belongs to the context this decoder owns.
+        unsafe { (*(*self.ctx).reader).EndRecPtr }
     }
 
     /// The slot's confirmed position.
@@ -132,10 +166,16 @@ impl Decoder {
                         lsn_to_string((*reader).EndRecPtr)
                     );
                 }
-                if !record.is_null() {
-                    // An ERROR inside becomes a Rust panic, re-raised by pgrx.
-                    pg_sys::ffi::pg_guard_ffi_boundary(|| LogicalDecodingProcessRecord(self.ctx, reader));
+                if record.is_null() {
+                    // No record and no error: SIGTERM arrived while WAL was
+                    // awaited (see read_page_or_stop). Nothing of this batch
+                    // is applied; the next worker decodes it again.
+                    drop(std::mem::take(&mut *self.out));
+                    pg_sys::CurrentResourceOwner = std::ptr::null_mut();
+                    return (FrameBuffer::default(), self.confirmed(), false);
                 }
+                // An ERROR inside becomes a Rust panic, re-raised by pgrx.
+                pg_sys::ffi::pg_guard_ffi_boundary(|| LogicalDecodingProcessRecord(self.ctx, reader));
                 if self.out.len() >= limit {
                     more = (*reader).EndRecPtr < end_of_wal;
                     break;

@@ -232,15 +232,18 @@ impl Link {
     /// publishes the status, answers pending requests. False when the
     /// endpoint thread has ended (the caller drops the link and starts a new
     /// endpoint).
-    pub fn tick(&mut self, installed: bool) -> bool {
+    /// `decoded`: where decoding has read up to; requests yield to decoding
+    /// as soon as WAL past it is flushed.
+    pub fn tick(&mut self, installed: bool, decoded: u64) -> bool {
         if !self.endpoint.is_running() {
             return false;
         }
         if installed && (self.labels_stale || self.head.is_none()) {
-            let (labels, head) = BackgroundWorker::transaction(|| (load_labels(), cursors::current()));
+            let (labels, head) = BackgroundWorker::transaction(|| (load_labels(), cursors::current_now()));
             self.labels = labels;
             self.labels_generation += 1;
-            self.head = Some(head);
+            // None until the publish gate knows what the standbys have.
+            self.head = head.or(self.head);
             self.labels_stale = false;
         }
         self.refresh_tokens(installed);
@@ -263,8 +266,10 @@ impl Link {
             }
             return true;
         }
-        // Requests get a slice of each turn, each under a time limit, so
-        // that decoding is never starved; the rest wait for the next turn.
+        // Requests get a slice of each turn, each under a time limit, and
+        // give way as soon as there is WAL to decode (at least one request is
+        // answered per turn), so that live changes are never queued behind
+        // them; the rest wait for the next turn.
         let labels = self.labels.clone();
         let limit = gucs::request_timeout();
         let turn_ends = Instant::now() + TURN_BUDGET;
@@ -275,7 +280,9 @@ impl Link {
             while let Some(r) = backlog.0.pop_front() {
                 let result = guarded(|| crate::txn::with_statement_timeout(limit, || answer(&r.kind, &labels)));
                 replies.push((r.id, result));
-                if Instant::now() >= turn_ends {
+                // SAFETY: reading the WAL flush position from shared memory.
+                let new_wal = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) } > decoded;
+                if new_wal || Instant::now() >= turn_ends {
                     break;
                 }
             }
@@ -437,6 +444,8 @@ fn read_history(
             CursorProblem::Malformed(_) => ep::ReplyErrorKind::Malformed,
             CursorProblem::Foreign { .. } => ep::ReplyErrorKind::Foreign,
             CursorProblem::Expired { .. } | CursorProblem::Ahead => ep::ReplyErrorKind::Expired,
+            CursorProblem::Gap { .. } => ep::ReplyErrorKind::Gap,
+            CursorProblem::Diverged { .. } => ep::ReplyErrorKind::Diverged,
         };
         ep::ReplyError {
             kind,
@@ -471,6 +480,8 @@ fn read_history(
         max_events: max as i32,
         filter,
         max_bytes: max_bytes.max(1) as usize,
+        upto: cursors::published_cap(),
+        until: None,
     };
     let rows = history::read_rows(&req).map_err(|e| internal(&e))?;
     let bytes: usize = rows.iter().map(history::text_bytes).sum();
@@ -478,14 +489,16 @@ fn read_history(
     let (system_id, timeline) = cursors::cluster();
     let head = match rows.last() {
         Some(r) if more => history::cursor_after(r).encode(),
-        _ => cursors::current().encode(),
+        // Before the publish gate knows what the standbys have (just after a
+        // server start), nothing was read: the read point is `since`.
+        _ => cursors::current_now().unwrap_or(after).encode(),
     };
     let rows = rows.into_iter().map(|v| change_row(v, system_id, timeline)).collect();
     Ok(ep::Reply::History { rows, head, more })
 }
 
 /// The endpoint's shape of a history row.
-fn change_row(v: ChangeView, system_id: u64, timeline: u32) -> ep::ChangeRow {
+pub(super) fn change_row(v: ChangeView, system_id: u64, timeline: u32) -> ep::ChangeRow {
     ep::ChangeRow {
         cursor: Cursor {
             system_id,

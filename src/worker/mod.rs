@@ -3,16 +3,21 @@
 //!
 //! Loop: wait on the latch (set by committing backends) or the poll
 //! interval; handle SIGHUP/SIGTERM; then one step:
-//!   decode from the slot it holds (whole transactions, bounded by
+//!   make sure the slot is usable and agrees with the history, or record
+//!   the gap ([`slot`]), once per process
+//!   → decode from the slot it holds (whole transactions, bounded by
 //!   `batch_changes`; see [`decoder`])
-//!   → persist the version updates in one transaction and commit
-//!   → apply them to shared memory and wake watchers
-//!   → confirm the position to the slot.
+//!   → persist history and version updates, with how far decoding reached,
+//!   in one transaction and commit
+//!   → once the standby slots have that commit ([`gate`]; at once without
+//!   standbys): apply the versions to shared memory, wake watchers, hand the
+//!   batch to the endpoint, and confirm the position to the slot.
 //! A crash at any point re-decodes from the slot's confirmed position and
-//! re-applies; applying is idempotent (versions only move forward). Idle
-//! steps run no transaction at all and still confirm the position decoded,
-//! so the slot pins no WAL. Errors exit the worker; the postmaster
-//! restarts it after `RESTART_DELAY`.
+//! re-applies; applying is idempotent (versions only move forward). The slot
+//! is never confirmed beyond the position the history records; idle steps
+//! (WAL without tracked changes) record it at most every [`IDLE_MARK_BYTES`]
+//! of WAL. Errors exit the worker; the postmaster restarts it after
+//! `RESTART_DELAY`.
 
 use crate::gucs;
 use crate::shmem::{self, WorkerState};
@@ -23,9 +28,16 @@ mod checkpoint;
 mod decoder;
 mod endpoint;
 mod frames;
+mod gate;
 mod images;
 mod persist;
+mod prune;
 mod settings;
+mod sinks;
+mod slot;
+mod wake;
+
+pub use gate::configured as gate_configured;
 
 use decoder::Decoder;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
@@ -34,6 +46,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub const RESTART_DELAY: Duration = Duration::from_secs(2);
+/// WAL decoded past the last write, without a tracked change, after which
+/// the position is recorded (so the slot can be confirmed there).
+const IDLE_MARK_BYTES: u64 = 64 * 1024;
+/// ...at most this often.
+const IDLE_MARK_EVERY: Duration = Duration::from_millis(100);
 /// The extension version this library implements.
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 const APP_NAME: &std::ffi::CStr = c"pg_changerelay relay";
@@ -103,23 +120,36 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
         installed: false,
         last_prune: None,
         link: endpoint::start(),
+        sinks: sinks::start(),
         persister: persist::Persister::default(),
         pace: Pace::default(),
         gather: None,
         versions_saved: false,
         waiting_for_update: None,
         endpoint_retry: None,
+        sinks_retry: None,
+        wake: wake::WakeSet::default(),
+        history_rows_unanalyzed: 0,
+        last_analyze: None,
+        gate: gate::Gate::default(),
+        recorded: (0, 0),
+        last_mark: None,
+        started: false,
+        pending_gap: None,
+        slot_problem: None,
     };
     let mut sleep = Duration::ZERO;
-    while wait(sleep, relay.link.as_ref().map(endpoint::Link::wake_fd)) {
+    while wait(sleep, relay.wake_fd()) {
         reload_if_asked();
         sleep = relay.step();
         relay.serve_endpoint();
+        relay.serve_sinks();
     }
     log!("pg_changerelay relay stopping");
     if let Some(link) = relay.link.take() {
         link.shutdown();
     }
+    drop(relay.sinks.take());
     // The versions held go to the tables, so the next start finds them exact.
     if relay.versions_saved {
         if let Err(e) = relay.persister.checkpoint() {
@@ -135,8 +165,16 @@ pub extern "C-unwind" fn changerelay_relay_main(_arg: pg_sys::Datum) {
 }
 
 /// Sleeps until the latch is set (a commit, a signal), the endpoint's wake
-/// socket is readable (a request) or `timeout` passes. False on SIGTERM.
+/// socket is readable (a request) or `timeout` passes. False on SIGTERM. A
+/// timeout under a millisecond (the latch's unit) is slept out first, then
+/// the latch and socket are looked at without waiting.
 fn wait(timeout: Duration, wake_fd: Option<std::os::fd::RawFd>) -> bool {
+    let timeout = if !timeout.is_zero() && timeout < Duration::from_millis(1) {
+        std::thread::sleep(timeout);
+        Duration::ZERO
+    } else {
+        timeout
+    };
     let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
     if wake_fd.is_some() {
         events |= pg_sys::WL_SOCKET_READABLE;
@@ -163,6 +201,7 @@ struct Relay {
     installed: bool,
     last_prune: Option<std::time::Instant>,
     link: Option<endpoint::Link>,
+    sinks: Option<sinks::Link>,
     persister: persist::Persister,
     /// How fast commits arrive, and so how long the next batch gathers.
     pace: Pace,
@@ -176,33 +215,37 @@ struct Relay {
     /// When to start the endpoint again after its thread ended, and the wait
     /// after that.
     endpoint_retry: Option<(std::time::Instant, Duration)>,
+    /// The same for the sinks thread.
+    sinks_retry: Option<(std::time::Instant, Duration)>,
+    wake: wake::WakeSet,
+    /// History rows written since the worker last analyzed the table, and when.
+    history_rows_unanalyzed: u64,
+    last_analyze: Option<std::time::Instant>,
+    gate: gate::Gate,
+    /// The position the history records as decoded, and the end of the
+    /// commit that recorded it (the slot is never confirmed beyond it).
+    recorded: (u64, u64),
+    last_mark: Option<std::time::Instant>,
+    /// The history found at start is held for the standbys (publish gate).
+    started: bool,
+    pending_gap: slot::PendingGap,
+    /// Why the slot could not be prepared, as last logged.
+    slot_problem: Option<String>,
 }
 
 impl Relay {
     /// Does one unit of work; returns how long to sleep before the next.
     fn step(&mut self) -> Duration {
         let poll = gucs::poll_interval();
+        self.release();
         if !gucs::enabled() {
             set_state(WorkerState::Disabled);
-            return poll;
-        }
-        // The slot comes first: with nothing tracked it decodes nothing, but
-        // it must exist before anything can be tracked so that no tracked
-        // change can fall between tracking and the slot's creation.
-        if self.decoder.is_none() {
-            ensure_slot(&self.slot);
-            self.decoder = Some(Decoder::open(&self.slot));
+            return self.gate.sleep(poll);
         }
         if !self.installed {
-            let version = BackgroundWorker::transaction(|| {
-                select_one::<String>(
-                    "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_changerelay'",
-                    &[],
-                )
-            });
-            match version {
-                Ok(Some(v)) if v == LIBRARY_VERSION => self.installed = true,
-                Ok(Some(v)) => {
+            match extension_version() {
+                Some(v) if v == LIBRARY_VERSION => self.installed = true,
+                Some(v) => {
                     // The library was updated but the extension not yet: its
                     // tables have the old shape. Decode nothing until the
                     // update (the slot keeps every change meanwhile).
@@ -213,11 +256,20 @@ impl Relay {
                         );
                         self.waiting_for_update = Some(v);
                     }
+                    if self.decoder.is_none() && !self.open_slot() {
+                        return poll;
+                    }
                     set_state(WorkerState::WaitingForUpdate);
                     return poll;
                 }
-                _ => {}
+                None => {}
             }
+        }
+        // The slot comes first: with nothing tracked it decodes nothing, but
+        // it must exist before anything can be tracked so that no tracked
+        // change can fall between tracking and the slot's creation.
+        if self.decoder.is_none() && !self.open_slot() {
+            return poll.max(Duration::from_secs(1));
         }
         if self.installed && !shmem::shared().is_some_and(|s| s.status.loaded.load(Ordering::Acquire)) {
             set_state(WorkerState::Loading);
@@ -235,7 +287,9 @@ impl Relay {
             WorkerState::WaitingForExtension
         });
         if self.installed {
+            self.hold_start();
             self.maybe_prune();
+            self.maybe_analyze();
         }
         let Some(decoder) = self.decoder.as_mut() else {
             return poll;
@@ -254,30 +308,150 @@ impl Relay {
                 frames.spilled_bytes() >> 20
             );
         }
-        if frames.is_empty() && end <= decoder.confirmed() {
-            return poll;
+        if frames.is_empty() {
+            self.idle(end);
+            self.release();
+            return if more { Duration::ZERO } else { self.gate.sleep(poll) };
         }
-        let Some(results) = self.apply(&mut frames) else {
+        let Some(results) = self.apply(&mut frames, end) else {
             // SIGTERM while recovering: nothing was confirmed, so the batch
             // is decoded again after the restart.
             return Duration::ZERO;
         };
         drop(frames);
-        let Some(decoder) = self.decoder.as_mut() else {
-            return poll;
-        };
-        decoder.confirm(end);
-        let confirmed = decoder.confirmed();
+        let need = last_commit_end();
+        self.recorded = (self.recorded.0.max(end), need);
+        self.gate.confirm_after(end, need);
         self.gather = self
             .pace
             .next_gather(results.iter().map(|a| a.updates.transactions).sum());
         for applied in results {
-            self.publish(applied, confirmed);
+            if self.gate.is_on() {
+                self.gate.hold(
+                    need,
+                    gate::Held {
+                        newest: 0,
+                        applied: Some(applied),
+                    },
+                );
+            } else {
+                self.publish(applied);
+            }
         }
+        self.release();
         if more {
             Duration::ZERO
         } else {
-            poll
+            self.gate.sleep(poll)
+        }
+    }
+
+    /// Prepares the slot (see [`slot::prepare`]) and opens the decoder on
+    /// it. False when the slot could not be prepared (logged once; retried
+    /// on the next step).
+    fn open_slot(&mut self) -> bool {
+        match slot::prepare(&self.slot, self.installed, &mut self.pending_gap) {
+            Ok(opened) => {
+                self.slot_problem = None;
+                // What the history records was written before this process
+                // started: anything written since then is older than now.
+                // SAFETY: reads the WAL insert position.
+                let start = unsafe { pg_sys::GetXLogInsertRecPtr() };
+                self.recorded = (opened.decoded_upto, start);
+                self.decoder = Some(Decoder::open(&self.slot));
+                true
+            }
+            Err(e) => {
+                if self.slot_problem.as_deref() != Some(e.as_str()) {
+                    warning!("pg_changerelay relay: {e}; retrying");
+                    self.slot_problem = Some(e);
+                }
+                false
+            }
+        }
+    }
+
+    /// Once per process, holds the history found at start for the standbys:
+    /// after a server restart readers see none of it (nor get a current
+    /// cursor) until the standbys have everything written before now.
+    fn hold_start(&mut self) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let newest =
+            BackgroundWorker::transaction(|| select_one::<i64>("SELECT max(event_id) FROM changerelay.history", &[]))
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+                .max(0) as u64;
+        // SAFETY: reads the WAL insert position.
+        let now = unsafe { pg_sys::GetXLogInsertRecPtr() };
+        self.gate.hold(now, gate::Held { newest, applied: None });
+        self.release();
+    }
+
+    /// WAL without tracked changes was decoded up to `end`: confirm it, once
+    /// the history records it (or at once when there is no history).
+    fn idle(&mut self, end: u64) {
+        let Some(decoder) = self.decoder.as_ref() else { return };
+        if end <= decoder.confirmed() {
+            return;
+        }
+        if !self.installed {
+            decoder.confirm(end);
+            if let Some(s) = shmem::shared() {
+                s.status.confirmed_lsn.store(decoder.confirmed(), Ordering::Release);
+            }
+            return;
+        }
+        let (recorded, need) = self.recorded;
+        if end <= recorded {
+            // Decoded again after a restart: recorded before.
+            self.gate.confirm_after(end, need);
+            return;
+        }
+        if end - recorded < IDLE_MARK_BYTES || self.last_mark.is_some_and(|t| t.elapsed() < IDLE_MARK_EVERY) {
+            // The slot stays at what the history records.
+            if recorded > decoder.confirmed() {
+                self.gate.confirm_after(recorded, need);
+            }
+            return;
+        }
+        self.last_mark = Some(std::time::Instant::now());
+        match persist::mark_decoded(end) {
+            Ok(()) => {
+                let need = last_commit_end();
+                self.recorded = (end, need);
+                self.gate.confirm_after(end, need);
+            }
+            Err(e) => warning!("pg_changerelay relay: could not record the decoded position: {e}"),
+        }
+    }
+
+    /// Releases what the standbys have: publishes held batches, confirms the
+    /// slot.
+    fn release(&mut self) {
+        let released = self.gate.turn();
+        for held in released.publish {
+            match held.applied {
+                Some(applied) => self.publish(applied),
+                None => {
+                    if let Some(s) = shmem::shared() {
+                        s.status.published_event_id.fetch_max(held.newest, Ordering::AcqRel);
+                    }
+                }
+            }
+            if let Some(s) = shmem::shared() {
+                s.status.published_valid.store(true, Ordering::Release);
+            }
+            shmem::broadcast();
+        }
+        if let (Some(end), Some(decoder)) = (released.confirm, self.decoder.as_ref()) {
+            decoder.confirm(end);
+            if let Some(s) = shmem::shared() {
+                s.status.confirmed_lsn.store(decoder.confirmed(), Ordering::Release);
+            }
         }
     }
 
@@ -285,9 +459,10 @@ impl Relay {
     /// its transactions is applied alone, retried with backoff, and one that
     /// still fails becomes a dead letter: the relay never stops or loops on
     /// a transaction it can not apply. `None`: SIGTERM arrived meanwhile.
-    fn apply(&mut self, frames: &mut frames::FrameBuffer) -> Option<Vec<persist::Applied>> {
+    /// `end`: the position decoding reached, recorded with the last span.
+    fn apply(&mut self, frames: &mut frames::FrameBuffer, end: u64) -> Option<Vec<persist::Applied>> {
         let spans = frames.spans().to_vec();
-        let first_error = match self.persister.apply(frames, &spans) {
+        let first_error = match self.persister.apply(frames, &spans, Some(end)) {
             Ok(applied) => return Some(vec![applied]),
             Err(e) => e,
         };
@@ -298,16 +473,23 @@ impl Relay {
             );
         }
         let mut out = Vec::with_capacity(spans.len());
-        for span in &spans {
-            out.push(self.apply_alone(frames, span)?);
+        for (i, span) in spans.iter().enumerate() {
+            // Each transaction records its own end; the last one the batch's.
+            let upto = (i + 1 == spans.len()).then_some(end);
+            out.push(self.apply_alone(frames, span, upto)?);
         }
         Some(out)
     }
 
-    fn apply_alone(&mut self, frames: &mut frames::FrameBuffer, span: &frames::Span) -> Option<persist::Applied> {
+    fn apply_alone(
+        &mut self,
+        frames: &mut frames::FrameBuffer,
+        span: &frames::Span,
+        upto: Option<u64>,
+    ) -> Option<persist::Applied> {
         let mut last_error = String::new();
         for (attempt, backoff) in RETRY_BACKOFF.iter().enumerate() {
-            match self.persister.apply(frames, std::slice::from_ref(span)) {
+            match self.persister.apply(frames, std::slice::from_ref(span), upto) {
                 Ok(applied) => return Some(applied),
                 Err(e) => {
                     if let Some(s) = shmem::shared() {
@@ -327,7 +509,7 @@ impl Relay {
         }
         let mut wait = Duration::from_secs(1);
         loop {
-            match self.persister.dead_letter(frames, span, &last_error) {
+            match self.persister.dead_letter(frames, span, &last_error, upto) {
                 Ok(applied) => {
                     let event_id = applied.updates.last_commit.map_or(0, |c| c.event_id);
                     warning!(
@@ -357,10 +539,11 @@ impl Relay {
         }
     }
 
-    /// After an applied batch committed: shared memory, status, watchers
-    /// and the endpoint.
-    fn publish(&mut self, applied: persist::Applied, confirmed: u64) {
+    /// After an applied batch committed (and, with the publish gate, reached
+    /// the standbys): shared memory, status, watchers and the endpoint.
+    fn publish(&mut self, applied: persist::Applied) {
         let updates = &applied.updates;
+        self.history_rows_unanalyzed += updates.changes;
         let changed = !updates.labels.is_empty() || !updates.floors.is_empty() || !updates.rows.is_empty();
         if changed {
             apply_to_shared_memory(updates);
@@ -371,10 +554,13 @@ impl Relay {
                 s.status
                     .last_commit_ts
                     .store(changerelay_core::time::unix_us_to_ms(c.commit_us), Ordering::Release);
+                s.status.published_event_id.fetch_max(c.event_id, Ordering::AcqRel);
             }
-            s.status.confirmed_lsn.store(confirmed, Ordering::Release);
             s.status.batches.fetch_add(1, Ordering::Relaxed);
             s.status.changes.fetch_add(updates.changes, Ordering::Relaxed);
+        }
+        if let Some(sinks) = self.sinks.as_mut().filter(|_| self.installed) {
+            sinks.publish(applied.fresh.as_ref(), updates.last_commit.map(|c| c.event_id));
         }
         if changed || updates.last_commit.is_some() {
             shmem::broadcast();
@@ -459,8 +645,9 @@ impl Relay {
     /// up to 30 s between attempts: never a busy loop on a dead socket.
     fn serve_endpoint(&mut self) {
         let installed = self.installed;
+        let decoded = self.decoder.as_ref().map_or(u64::MAX, decoder::Decoder::position);
         if let Some(link) = self.link.as_mut() {
-            if link.tick(installed) {
+            if link.tick(installed, decoded) {
                 return;
             }
             warning!("pg_changerelay relay: the endpoint thread has ended; starting it again in 1 s");
@@ -489,73 +676,95 @@ impl Relay {
         };
     }
 
-    /// Prunes history older than `changerelay.history_retention`, at most
-    /// every tenth of the retention (between 1 s and 1 min). Writes (and so
-    /// takes a transaction id) only when there is something to prune.
-    fn maybe_prune(&mut self) {
-        let retention = gucs::history_retention();
-        let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        if self.last_prune.is_some_and(|t| t.elapsed() < every) {
+    /// Lets the sinks link do its turn; when the sinks thread has ended (a
+    /// panic), starts it again after 1 s and then up to 30 s between
+    /// attempts. The sinks resume from what their brokers hold.
+    fn serve_sinks(&mut self) {
+        let installed = self.installed;
+        if let Some(link) = self.sinks.as_mut() {
+            if link.tick(installed) {
+                return;
+            }
+            warning!("pg_changerelay relay: the sinks thread has ended; starting it again in 1 s");
+            if let Some(s) = shmem::shared() {
+                s.status.sinks_restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            self.sinks = None;
+            self.sinks_retry = Some((
+                std::time::Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
+            ));
             return;
         }
-        self.last_prune = Some(std::time::Instant::now());
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let cutoff = now_ms - retention.as_millis() as i64;
-        // A chunk goes when its last change is older than the retention;
-        // the horizon moves past the newest change pruned.
-        let cut = BackgroundWorker::transaction(move || {
-            select_one::<i64>(
-                "SELECT max(last_event_id) FROM changerelay.history WHERE ts < $1",
-                &[cutoff.into()],
-            )
-        });
-        let Ok(Some(cut)) = cut else { return };
-        let done = BackgroundWorker::transaction(move || {
-            Spi::run_with_args("DELETE FROM changerelay.history WHERE ts < $1", &[cutoff.into()])?;
-            Spi::run_with_args(
-                "DELETE FROM changerelay.history_metadata WHERE event_id <= $1",
-                &[cut.into()],
-            )?;
-            Spi::run_with_args(
-                "UPDATE changerelay.history_horizon SET event_id = greatest(event_id, $1)",
-                &[cut.into()],
-            )
+        let (at, wait) = self
+            .sinks_retry
+            .unwrap_or((std::time::Instant::now(), Duration::from_secs(1)));
+        if std::time::Instant::now() < at {
+            return;
+        }
+        self.sinks = sinks::start();
+        self.sinks_retry = match self.sinks {
+            Some(_) => None,
+            None => {
+                let next = (wait * 2).min(Duration::from_secs(30));
+                Some((std::time::Instant::now() + next, next))
+            }
+        };
+    }
+
+    /// Analyzes the history once much has been written to it since the last
+    /// time (autovacuum gets there too, but later): history reads of one
+    /// label walk the label index only when the planner knows the table is
+    /// large; with no statistics it sorts every row of the label instead.
+    fn maybe_analyze(&mut self) {
+        const ROWS: u64 = 50_000;
+        const EVERY: Duration = Duration::from_secs(10);
+        if self.history_rows_unanalyzed < ROWS || self.last_analyze.is_some_and(|t| t.elapsed() < EVERY) {
+            return;
+        }
+        self.last_analyze = Some(std::time::Instant::now());
+        self.history_rows_unanalyzed = 0;
+        let done = crate::txn::try_transaction(|| {
+            Spi::run("ANALYZE changerelay.history, changerelay.history_metadata").map_err(|e| e.to_string())
         });
         if let Err(e) = done {
-            error!("pg_changerelay relay: could not prune history: {e}");
+            warning!("pg_changerelay relay: could not analyze the history: {e}");
         }
+    }
+
+    /// The descriptor to wait on for the threads' wake sockets.
+    fn wake_fd(&mut self) -> Option<std::os::fd::RawFd> {
+        let fds: Vec<std::os::fd::RawFd> = self
+            .link
+            .as_ref()
+            .map(endpoint::Link::wake_fd)
+            .into_iter()
+            .chain(self.sinks.as_ref().map(sinks::Link::wake_fd))
+            .collect();
+        self.wake.fd(&fds)
+    }
+
+    fn maybe_prune(&mut self) {
+        prune::maybe_prune(&mut self.last_prune);
     }
 }
 
-/// Creates the worker's slot when it does not exist.
-fn ensure_slot(slot: &str) {
-    let slot = slot.to_string();
-    BackgroundWorker::transaction(move || {
-        let plugin = select_one::<String>(
-            "SELECT (SELECT plugin::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
-            &[slot.as_str().into()],
-        );
-        match plugin {
-            Ok(Some(p)) if p == "pg_changerelay" => {}
-            Ok(Some(p)) => error!(
-                "pg_changerelay relay: replication slot \"{slot}\" uses plugin \"{p}\", not pg_changerelay; \
-                 drop it or set changerelay.slot_name to another name"
-            ),
-            Ok(None) => {
-                log!("pg_changerelay relay: creating logical replication slot \"{slot}\"");
-                if let Err(e) = select_one::<String>(
-                    "SELECT slot_name::text FROM pg_catalog.pg_create_logical_replication_slot($1, 'pg_changerelay')",
-                    &[slot.as_str().into()],
-                ) {
-                    error!("pg_changerelay relay: could not create slot \"{slot}\": {e}");
-                }
-            }
-            Err(e) => error!("pg_changerelay relay: could not read pg_replication_slots: {e}"),
-        }
-    });
+/// The installed version of the extension in this database, if any.
+fn extension_version() -> Option<String> {
+    BackgroundWorker::transaction(|| {
+        select_one::<String>(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_changerelay'",
+            &[],
+        )
+    })
+    .ok()
+    .flatten()
+}
+
+/// The end of the commit record of this process's last writing transaction.
+fn last_commit_end() -> u64 {
+    // SAFETY: a backend-local global, set at each commit that wrote WAL.
+    unsafe { pg_sys::XactLastCommitEnd }
 }
 
 fn apply_to_shared_memory(u: &VersionUpdates) {

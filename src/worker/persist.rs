@@ -1,5 +1,6 @@
-//! Writing a batch: history, metadata, versions and the applied mark in one
-//! transaction, streamed in chunks so no batch is ever held whole.
+//! Writing a batch: history, metadata, versions, the applied mark and how
+//! far decoding reached in one transaction, streamed in chunks so no batch
+//! is ever held whole.
 //!
 //! History holds the plugin's binary frames: nothing is parsed or cast on
 //! the way in, so no value a table can hold makes the write fail. A batch's
@@ -21,6 +22,7 @@
 use super::checkpoint::{self, Saved, VersionLog};
 use super::frames::{FrameBuffer, Span};
 use super::images;
+use crate::sql::select_one;
 use crate::txn::try_transaction;
 use changerelay_core::apply::{Unsaved, VersionUpdates};
 use changerelay_core::binary;
@@ -74,7 +76,8 @@ const HISTORY: &str = "INSERT INTO changerelay.history
 const METADATA: &str = "INSERT INTO changerelay.history_metadata (event_id, metadata)
      SELECT e, m::pg_catalog.json
        FROM unnest($1::pg_catalog.int8[], $2::pg_catalog.text[]) AS u(e, m)";
-const HORIZON: &str = "UPDATE changerelay.history_horizon SET applied = greatest(applied, $1)";
+const HORIZON: &str = "UPDATE changerelay.history_horizon
+     SET applied = greatest(applied, $1), decoded_upto = greatest(coalesce(decoded_upto, 0), $2), timeline = $3";
 const EXACT: &str = "UPDATE changerelay.history_horizon SET versions_exact = $1";
 const LOG: &str = "INSERT INTO changerelay.version_log (id, rows, entries) VALUES ($1, $2, $3)";
 const DEAD_LETTER: &str = "INSERT INTO changerelay.dead_letters (event_id, xid, labels, error, frames, bytes)
@@ -111,7 +114,7 @@ impl Statements {
                 .prepare_mut(HISTORY, &oids(&[I8S, I4S, I8S, I4S, I8S, I8S, OS, TS, I4S, BS]))?
                 .keep(),
             metadata: c.prepare_mut(METADATA, &oids(&[I8S, TS]))?.keep(),
-            horizon: c.prepare_mut(HORIZON, &oids(&[I8]))?.keep(),
+            horizon: c.prepare_mut(HORIZON, &oids(&[I8, I8, I8]))?.keep(),
             exact: c.prepare_mut(EXACT, &oids(&[pg_sys::BOOLOID]))?.keep(),
             log: c
                 .prepare_mut(LOG, &oids(&[I8, pg_sys::INT4OID, pg_sys::BYTEAOID]))?
@@ -185,9 +188,11 @@ fn prepared(statements: &mut Option<Statements>) -> Result<&Statements, String> 
 }
 
 impl Persister {
-    /// Applies the frames of `spans` in one transaction and commits it.
-    /// A Postgres error rolls everything back and is returned as text.
-    pub fn apply(&mut self, frames: &mut FrameBuffer, spans: &[Span]) -> Result<Applied, String> {
+    /// Applies the frames of `spans` in one transaction and commits it,
+    /// recording that decoding reached `upto` (`None`: the end of the last
+    /// frame). A Postgres error rolls everything back and is returned as
+    /// text.
+    pub fn apply(&mut self, frames: &mut FrameBuffer, spans: &[Span], upto: Option<u64>) -> Result<Applied, String> {
         let due = self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY || self.unsaved.len() >= CHECKPOINT_ENTRIES;
         let (statements, unsaved, policy) = (&mut self.statements, &mut self.unsaved, &mut self.no_history);
         let log = self.log;
@@ -201,7 +206,7 @@ impl Persister {
                 Some(l) => l,
                 None => VersionLog::read()?,
             };
-            write_batch(st, frames, spans, unsaved, no_history, due.then_some(log))
+            write_batch(st, frames, spans, upto, unsaved, no_history, due.then_some(log))
         })?;
         self.no_history = Some(applied.updates.no_history.clone());
         self.saved(saved);
@@ -268,7 +273,13 @@ impl Persister {
     /// every label it touches moved (its floor too, so every cached row
     /// reloads), and the applied mark moved past it. Returns the versions
     /// moved, to apply to shared memory.
-    pub fn dead_letter(&mut self, frames: &mut FrameBuffer, span: &Span, error: &str) -> Result<Applied, String> {
+    pub fn dead_letter(
+        &mut self,
+        frames: &mut FrameBuffer,
+        span: &Span,
+        error: &str,
+        upto: Option<u64>,
+    ) -> Result<Applied, String> {
         let statements = &mut self.statements;
         try_transaction(|| {
             let mut updates = VersionUpdates::with_row_limit(0);
@@ -277,10 +288,12 @@ impl Persister {
             let (mut n, mut bytes, mut first_lsn) = (0i32, 0i64, 0u64);
             let mut undecodable = None;
             let mut event_id = None;
+            let mut last_lsn = 0;
             frames.for_each(std::slice::from_ref(span), |lsn, frame| -> Result<(), String> {
                 if first_lsn == 0 {
                     first_lsn = lsn;
                 }
+                last_lsn = lsn;
                 match binary::read_event(frame) {
                     Ok(event) => {
                         if let Event::Begin(h) | Event::Commit(changerelay_core::event::Commit { txn: h, .. }) = &event
@@ -339,7 +352,7 @@ impl Persister {
                 rows: BTreeMap::new(),
             };
             checkpoint::upsert_labels(st, &moved)?;
-            move_applied_mark(st, event_id)?;
+            move_applied_mark(st, event_id, upto.unwrap_or(last_lsn))?;
             Ok(Applied {
                 updates,
                 fresh: Some(Fresh::default()),
@@ -374,6 +387,7 @@ fn write_batch(
     st: &Statements,
     frames: &mut FrameBuffer,
     spans: &[Span],
+    upto: Option<u64>,
     unsaved: &mut Unsaved,
     no_history: BTreeSet<String>,
     due: Option<VersionLog>,
@@ -387,7 +401,9 @@ fn write_batch(
     let mut updates = VersionUpdates::with_row_limit(ROW_LIMIT);
     updates.no_history = no_history;
     let mut out = Output::new(applied);
+    let mut last_lsn = 0;
     frames.for_each(spans, |lsn, frame| -> Result<(), String> {
+        last_lsn = lsn;
         let event =
             binary::read_event(frame).map_err(|e| format!("undecodable frame at {}: {e}", lsn_to_string(lsn)))?;
         updates.add(&event, frame);
@@ -401,9 +417,13 @@ fn write_batch(
     }
     out.take(st, &mut updates)?;
     out.finish(st)?;
-    if out.batch.is_some() {
-        move_applied_mark(st, updates.last_commit.map_or(0, |c| c.event_id as i64))?;
-    }
+    // Also without history (labels that keep none): the slot is confirmed
+    // only up to what the horizon says was decoded.
+    move_applied_mark(
+        st,
+        updates.last_commit.map_or(0, |c| c.event_id as i64),
+        upto.unwrap_or(last_lsn),
+    )?;
     let long = unsaved.add(&updates);
     if !long.is_empty() {
         checkpoint::upsert_rows(st, long.iter().map(|(k, v)| (k, *v)))?;
@@ -435,9 +455,16 @@ fn labels_without_history() -> Result<BTreeSet<String>, String> {
     .map_err(|e| e.to_string())
 }
 
-/// Moves the applied mark (the newest transaction whose history exists).
-fn move_applied_mark(st: &Statements, through: i64) -> Result<(), String> {
-    Spi::connect_mut(|c| c.update(&st.horizon, None, &[through.into()]).map(|_| ())).map_err(|e| e.to_string())
+/// Moves the applied mark (the newest transaction whose history exists) to
+/// `through` and records that decoding reached `upto` (on this timeline).
+fn move_applied_mark(st: &Statements, through: i64, upto: u64) -> Result<(), String> {
+    let timeline = i64::from(crate::ha::current_timeline());
+    let args: [pgrx::datum::DatumWithOid<'_>; 3] = [
+        through.into(),
+        (upto.min(i64::MAX as u64) as i64).into(),
+        timeline.into(),
+    ];
+    Spi::connect_mut(|c| c.update(&st.horizon, None, &args).map(|_| ())).map_err(|e| e.to_string())
 }
 
 /// Where a batch's history goes: chunks being filled, one per table and
@@ -598,4 +625,20 @@ fn fail_if_asked(rows: &[HistoryRow]) -> Result<(), String> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Records that decoding reached `upto` with nothing to write (the WAL since
+/// the last write held no tracked change), so the slot may be confirmed
+/// there: it never is beyond what the history says it covers. The mark is a
+/// sequence value (`changerelay.decoded_mark`): physically replicated like
+/// the history, but no change in any logical decoding stream.
+pub fn mark_decoded(upto: u64) -> Result<(), String> {
+    try_transaction(|| {
+        select_one::<i64>(
+            "SELECT pg_catalog.setval('changerelay.decoded_mark', $1)",
+            &[(upto.min(i64::MAX as u64) as i64).into()],
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    })
 }

@@ -14,7 +14,7 @@ import uuid
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from conftest import PORT, connect
+from conftest import extra_port
 from test_endpoint import EP, http, new_table, recv, subscribe, ws_open
 from test_relay import ROOT, ExtraCluster, wait_until
 
@@ -149,7 +149,7 @@ def test_tls_and_the_endpoint_thread_restarting():
     tls_dir = os.path.join(ROOT, "target", "test-tls")
     os.makedirs(tls_dir, exist_ok=True)
     cert, key = self_signed(tls_dir)
-    port = PORT - 8
+    port = extra_port("tls")
     cluster = ExtraCluster("test-cluster-tls", port, "\n".join([
         f"changerelay.ssl_cert_file = '{cert}'", f"changerelay.ssl_key_file = '{key}'",
         "changerelay.debug_endpoint_panic = on"]))

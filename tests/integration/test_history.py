@@ -456,3 +456,28 @@ def test_deletes_carry_the_last_image_of_their_row_so_filters_see_them(db):
     db.execute(f"DELETE FROM {other} WHERE id = 1")
     (row,) = caught_up(db, lo, 1, start)
     assert (row[3], row[5], row[7]) == ("delete", {"id": 1}, None)
+def test_several_labels_merge_in_commit_order_page_by_page(db):
+    """Each label is read through its own index and the labels are merged: pages of any size give every change of
+    every asked label once, in commit order, and leave out the others."""
+    (ta, la), (tb, lb), (tc, lc) = fresh(db), fresh(db), fresh(db)
+    start = db.execute("SELECT changerelay.current_cursor()").fetchone()[0]
+    order = []
+    for i in range(30):
+        t, l = [(ta, la), (tb, lb), (tc, lc)][(i * 7) % 3]
+        with connect() as c:
+            c.autocommit = False
+            c.execute(f"INSERT INTO {t} VALUES (%s, 't', 'x')", (i,))
+            if i % 5 == 0:  # two labels in one transaction
+                c.execute(f"INSERT INTO {tb if t != tb else ta} VALUES (%s, 't', 'y')", (1000 + i,))
+            c.commit()
+    wait_until(lambda: len(changes(db, start, [la, lb, lc])) >= 36, what="36 changes")
+    everything = changes(db, start, [la, lb, lc])
+    asked = [r for r in everything if r[9] in (la, lb)]
+    for size in (1, 2, 3, 7, 1000):
+        got, cur = [], start
+        while page := changes(db, cur, [lb, la, la], max_events=size):
+            got += page
+            cur = page[-1][0]
+        assert [r[0] for r in got] == [r[0] for r in asked], f"page size {size}"
+    assert [(r[1], r[2]) for r in asked] == sorted((r[1], r[2]) for r in asked)
+    assert {r[9] for r in asked} == {la, lb}

@@ -9,7 +9,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import PG, PG_CONFIG, PGTOOL, SERVER_FS, WORK, extra_port
+from conftest import PG, PG_CONFIG, PGTOOL, SERVER_FS, WORK, connect, extra_port
 from test_endpoint import http
 from test_relay import CLUSTER, ROOT, ExtraCluster, wait_until
 
@@ -48,6 +48,23 @@ def snapshot(c, label, stored=False):
         "tracked": c.execute("SELECT * FROM changerelay.tracked()").fetchall(),
         "tokens": c.execute("SELECT name, labels, rows, created_by FROM changerelay.tokens()").fetchall(),
     }
+
+
+# Functions (arguments, result, strictness, volatility), columns, grants and triggers of the extension's schema.
+SCHEMA = """
+SELECT 'function ' || p.proname || '(' || pg_get_function_arguments(p.oid) || ') ' || pg_get_function_result(p.oid)
+       || ' ' || p.proisstrict || p.provolatile::text || ' ' || coalesce(p.proacl::text, '')
+  FROM pg_proc p WHERE p.pronamespace = 'changerelay'::regnamespace
+UNION ALL
+SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' '
+       || a.attnotnull || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '') || ' ' || coalesce(c.relacl::text, '')
+  FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+  LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+ WHERE c.relnamespace = 'changerelay'::regnamespace AND c.relkind IN ('r', 'S')
+UNION ALL
+SELECT 'trigger ' || tgname || ' ' || tgrelid::regclass FROM pg_trigger
+ WHERE tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'changerelay'::regnamespace) AND NOT tgisinternal
+ORDER BY 1"""
 
 
 def test_update_from_0_1_0_keeps_tracking_versions_history_tokens_and_grants():
@@ -99,6 +116,13 @@ def test_update_from_0_1_0_keeps_tracking_versions_history_tokens_and_grants():
             versions = dict((i, v) for i, v, _ in after["versions"])
             assert all(versions[i] >= v for i, v, _ in before["versions"]), "versions never go back"
             assert c.execute("SELECT count(*) FROM changerelay.dead_letters").fetchone() == (0,)
+            # The update script creates what a fresh install does (the test cluster's extension is one).
+            with connect() as fresh:
+                fresh.execute("CREATE EXTENSION IF NOT EXISTS pg_changerelay")
+                want = [r[0] for r in fresh.execute(SCHEMA).fetchall()]
+            got = [r[0] for r in c.execute(SCHEMA).fetchall()]
+            assert got == want, f"only after the update: {sorted(set(got) - set(want))}; only fresh: " \
+                                f"{sorted(set(want) - set(got))}"
             # The token still works (the endpoint is the server's port + 1000), and grants are kept.
             wait_until(lambda: http("/versions/items", token=secret, port=PORT + 1000).status == 200, timeout=10,
                        what="the 0.1.0 token accepted")

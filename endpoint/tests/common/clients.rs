@@ -65,6 +65,11 @@ pub fn read_response(s: &mut impl Read) -> HttpResponse {
 
 /// Sends a request and reads only the response head (for responses that keep the connection, such as 101).
 pub fn request_head(addr: SocketAddr, request: &str) -> HttpResponse {
+    open_request(addr, request).1
+}
+
+/// Sends a request and reads the response head, leaving the connection open (a stream goes on).
+pub fn open_request(addr: SocketAddr, request: &str) -> (TcpStream, HttpResponse) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(request.as_bytes()).unwrap();
@@ -74,7 +79,7 @@ pub fn request_head(addr: SocketAddr, request: &str) -> HttpResponse {
         assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed in the head");
         buf.push(byte[0]);
     }
-    parse_response(&buf)
+    (s, parse_response(&buf))
 }
 
 pub fn parse_response(buf: &[u8]) -> HttpResponse {

@@ -1,8 +1,8 @@
-//! Spawning the endpoint thread with every signal blocked.
+//! Spawning a thread of the relay worker (the endpoint's, the sinks') with every signal blocked.
 //!
 //! The relay worker is a Postgres background worker whose signal handlers (SIGTERM, SIGHUP, SIGUSR1 latch
 //! wake-ups...) must only ever run on its main thread. A new thread inherits the creator's signal mask, so the
-//! mask is set to "everything blocked" around the spawn and restored right after: the endpoint thread never
+//! mask is set to "everything blocked" around the spawn and restored right after: the new thread never
 //! runs a Postgres signal handler, and the calling thread's mask is unchanged. This is the crate's only
 //! `unsafe` code.
 #![allow(unsafe_code)]
@@ -12,7 +12,7 @@ use std::mem::MaybeUninit;
 use std::thread::{Builder, JoinHandle};
 
 /// Spawns `f` on a new named thread whose signal mask blocks all signals.
-pub(crate) fn spawn_with_signals_blocked<F>(name: &str, f: F) -> io::Result<JoinHandle<()>>
+pub fn spawn_with_signals_blocked<F>(name: &str, f: F) -> io::Result<JoinHandle<()>>
 where
     F: FnOnce() + Send + 'static,
 {

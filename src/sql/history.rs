@@ -235,6 +235,7 @@ fn request(
         filter,
         max_bytes: usize::MAX,
         upto: cursors::published_cap(),
+        until: None,
     }
 }
 
@@ -390,19 +391,25 @@ pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, Position), String> {
                 (Some(n), Some(c)) => Some(n.min(c)),
                 (n, c) => n.or(c),
             };
-            let mut views = Vec::new();
-            while views.len() + out.len() < want {
-                let Some(row) = merge.pop_before(before) else { break };
-                at = (row.event_id, row.pos);
-                views.push(view_or_marker(&row));
-            }
-            let full = emit(req, views, out, &mut bytes, want)?;
-            if full {
-                if let Some(last) = out.last() {
-                    at = (last.event_id, last.pos);
+            // Filters and privileges may leave out some of what is popped:
+            // pop again until `out` is full or nothing more is ready.
+            loop {
+                let mut views = Vec::new();
+                while views.len() + out.len() < want {
+                    let Some(row) = merge.pop_before(before) else { break };
+                    at = (row.event_id, row.pos);
+                    views.push(view_or_marker(&row));
+                }
+                if views.is_empty() {
+                    return Ok::<bool, String>(out.len() >= want);
+                }
+                if emit(req, views, out, &mut bytes, want)? {
+                    if let Some(last) = out.last() {
+                        at = (last.event_id, last.pos);
+                    }
+                    return Ok(true);
                 }
             }
-            Ok::<bool, String>(full)
         };
         loop {
             let chunks = read_chunks(from, req, last_allowed)?;

@@ -43,8 +43,18 @@ pub fn floor_if_inexact() -> Result<Option<Version>, pgrx::spi::Error> {
 
 /// Versions of a label read from the persisted tables: (all, floor, rows),
 /// floored when the tables are not exact ([`floor_if_inexact`]).
+///
+/// Not on a hot standby: there the tables are the primary's last version
+/// checkpoint, replayed, and a floor at the replay position would go back
+/// once the next checkpoint arrives. So a standby shows the checkpointed
+/// versions as they are: behind the primary by at most one checkpoint
+/// interval (plus replication lag), never backwards; after a promotion the
+/// new primary's floors are raised past everything a standby showed.
 fn persisted(label: &str, ident: Option<&str>) -> (Option<Version>, Version, Vec<(String, Version)>) {
     let (all, floor, rows) = persisted_as_written(label, ident);
+    if crate::ha::in_recovery() {
+        return (all, floor, rows);
+    }
     match floor_if_inexact() {
         Ok(Some(f)) if all.is_some() || label_known(label) => {
             (Some(all.unwrap_or_default().max(f)), floor.max(f), rows)

@@ -310,6 +310,11 @@ impl Relay {
         }
         if frames.is_empty() {
             self.idle(end);
+            if self.versions_saved {
+                if let Err(e) = self.persister.checkpoint_if_due() {
+                    warning!("pg_changerelay relay: could not write a version checkpoint: {e}");
+                }
+            }
             self.release();
             return if more { Duration::ZERO } else { self.gate.sleep(poll) };
         }

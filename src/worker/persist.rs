@@ -226,6 +226,22 @@ impl Persister {
         }
     }
 
+    /// Writes the versions held once they have waited a checkpoint interval
+    /// with no batch to carry them (the primary went quiet): hot standbys
+    /// and a restart then find them.
+    pub fn checkpoint_if_due(&mut self) -> Result<(), String> {
+        let pending = !self.unsaved.is_empty() || self.exact == Some(false);
+        if !pending || self.last_checkpoint.elapsed() < CHECKPOINT_EVERY {
+            return Ok(());
+        }
+        let done = self.checkpoint();
+        if done.is_err() {
+            // Tried again an interval later, not at every idle step.
+            self.last_checkpoint = Instant::now();
+        }
+        done
+    }
+
     /// Writes every version held (when the worker stops).
     pub fn checkpoint(&mut self) -> Result<(), String> {
         if self.unsaved.is_empty() && self.exact == Some(true) {

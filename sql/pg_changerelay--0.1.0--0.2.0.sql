@@ -24,7 +24,8 @@ INSERT INTO changerelay.history_metadata (event_id, metadata)
      ORDER BY h.event_id, h.pos;
 ALTER TABLE changerelay.history_metadata ENABLE ROW LEVEL SECURITY;
 CREATE POLICY history_metadata_readable ON changerelay.history_metadata FOR SELECT
-    USING (EXISTS (SELECT 1 FROM changerelay.history h WHERE h.event_id = history_metadata.event_id));
+    USING (EXISTS (SELECT 1 FROM changerelay.history h
+                    WHERE h.event_id <= history_metadata.event_id AND h.last_event_id >= history_metadata.event_id));
 
 ALTER TABLE changerelay.history
     ADD COLUMN last_event_id bigint,

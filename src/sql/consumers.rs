@@ -399,9 +399,17 @@ fn consume(
             .next()
         });
         let Some((after, upto)) = expired else { break };
-        let (rows, _) = read(&c, after, Some(upto), max_events);
+        // The publish gate may hold back part of the range (after a server
+        // start, until the standbys have it): only what was read is leased
+        // again, the rest stays expired.
+        let capped = cursors::published_cap().is_some_and(|cap| cap < upto.0);
+        let (rows, covered) = read(&c, after, Some(upto), max_events);
+        if capped && rows.is_empty() {
+            return leased(Vec::new(), 0);
+        }
         let cut = match rows.last() {
             Some(last) if rows.len() as i32 >= max_events => (last.1 as u64, row_pos(&last.0)),
+            _ if capped => covered.min(upto),
             _ => upto,
         };
         let lease = owned(|| {
@@ -584,7 +592,7 @@ fn consumers() -> TableIterator<
 > {
     require_preloaded();
     let (system_id, timeline) = cursors::cluster();
-    let head = cursors::current().event_id;
+    let head = cursors::head_event();
     let caller = current_role();
     let rows = owned(|| {
         spi(write_all(

@@ -42,6 +42,12 @@ fn newest_event() -> u64 {
     applied.max(stored.max(0) as u64)
 }
 
+/// The newest event, for lag figures (never waits): what readers may see,
+/// or, while the publish gate does not know that yet, what was applied.
+pub fn head_event() -> u64 {
+    current_now().map_or_else(newest_event, |c| c.event_id)
+}
+
 pub fn horizon() -> u64 {
     select_one::<i64>("SELECT event_id FROM changerelay.history_horizon", &[])
         .ok()

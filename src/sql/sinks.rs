@@ -228,7 +228,7 @@ fn sinks() -> TableIterator<
     require_preloaded();
     require_admin("sinks");
     let (system_id, timeline) = cursors::cluster();
-    let head = cursors::current().event_id as i64;
+    let head = cursors::head_event() as i64;
     let rows = as_role(extension_owner(), || {
         spi(select_all(
             "SELECT name, kind, url, labels, options, state, event_id, pos, changes_written, duplicates,

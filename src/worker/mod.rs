@@ -385,7 +385,7 @@ impl Relay {
         }
         self.started = true;
         let newest =
-            BackgroundWorker::transaction(|| select_one::<i64>("SELECT max(event_id) FROM changerelay.history", &[]))
+            BackgroundWorker::transaction(|| select_one::<i64>("SELECT applied FROM changerelay.history_horizon", &[]))
                 .ok()
                 .flatten()
                 .unwrap_or(0)

@@ -158,7 +158,9 @@ impl Link {
             return true;
         }
         if self.head.is_none() {
-            self.head = Some(BackgroundWorker::transaction(cursors::current).event_id);
+            // Not before the publish gate knows what readers may see (never
+            // wait for it here: this thread is the one that moves it).
+            self.head = BackgroundWorker::transaction(cursors::current_now).map(|c| c.event_id);
         }
         self.reload_if_due();
         self.answer_reads();

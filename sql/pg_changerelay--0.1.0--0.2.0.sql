@@ -23,9 +23,6 @@ INSERT INTO changerelay.history_metadata (event_id, metadata)
      WHERE h.metadata IS NOT NULL
      ORDER BY h.event_id, h.pos;
 ALTER TABLE changerelay.history_metadata ENABLE ROW LEVEL SECURITY;
-CREATE POLICY history_metadata_readable ON changerelay.history_metadata FOR SELECT
-    USING (EXISTS (SELECT 1 FROM changerelay.history h
-                    WHERE h.event_id <= history_metadata.event_id AND h.last_event_id >= history_metadata.event_id));
 
 ALTER TABLE changerelay.history
     ADD COLUMN last_event_id bigint,
@@ -54,6 +51,10 @@ ALTER TABLE changerelay.history
     DROP COLUMN old,
     DROP COLUMN metadata;
 DROP FUNCTION changerelay.chunk_from_v1(bigint, int, int, bigint, bigint, oid, text, text, text, text, text, text, text);
+-- Metadata is readable where a readable chunk holds its transaction.
+CREATE POLICY history_metadata_readable ON changerelay.history_metadata FOR SELECT
+    USING (EXISTS (SELECT 1 FROM changerelay.history h
+                    WHERE h.event_id <= history_metadata.event_id AND h.last_event_id >= history_metadata.event_id));
 
 -- A label may keep versions only: track(…, history => false). The grants of
 -- the old track() go to the new one.

@@ -286,8 +286,13 @@ def rows_after(port, table, n):
 
 def wait_followers(followers, port, table):
     want = set(table_rows(port, table))
-    wait_until(lambda: all(f.state == want for f in followers), timeout=60,
-               what=f"followers at the new primary's {len(want)} rows")
+    try:
+        wait_until(lambda: all(f.state == want for f in followers), timeout=60,
+                   what=f"followers at the new primary's {len(want)} rows")
+    except AssertionError as e:
+        diff = {f.kind: {"missing": sorted(want - f.state)[:20], "extra": sorted(f.state - want)[:20],
+                         "resyncs": f.resyncs[:3], "errors": f.errors[:3]} for f in followers}
+        raise AssertionError(f"{e}: {diff}") from None
     return want
 
 

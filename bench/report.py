@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes results.json, results.md (Markdown tables, targets met/missed) and results.png from bench/run.py's
 results. Re-render from a saved file: .venv/bin/python bench/report.py bench/out/results.json"""
+import decimal
 import json
 import os
 import sys
@@ -446,7 +447,8 @@ def hostile_chart(a, b, h):
 def write(res, out):
     paths = [os.path.join(out, n) for n in ("results.json", "results.md", "results.png")]
     with open(paths[0], "w") as f:
-        json.dump(res, f, indent=2)
+        # Numbers read from Postgres may be Decimals.
+        json.dump(res, f, indent=2, default=lambda o: float(o) if isinstance(o, decimal.Decimal) else str(o))
     with open(paths[1], "w") as f:
         f.write(markdown(res))
     chart(res, paths[2])

@@ -382,10 +382,16 @@ impl Unsaved {
     }
 }
 
+/// Fewest transactions a gather must be expected to collect: below that it
+/// saves little WAL and only adds latency (and, since a gathered batch holds
+/// several transactions, it would keep itself going at moderate rates).
+const MIN_GATHERED: f64 = 4.0;
+
 /// How long a relay worker lets commits gather before its next batch: none
 /// unless the last batch held several transactions (commits come faster
-/// than one per batch); then the time in which `target` transactions arrive
-/// at the rate of the last batch (`transactions` in `since`), at most `max`.
+/// than one per batch) and at that rate (`transactions` in `since`) at least
+/// [`MIN_GATHERED`] arrive within `max`; then the time in which `target`
+/// transactions arrive, at most `max`.
 pub fn gather_time(
     transactions: u64,
     since: std::time::Duration,
@@ -396,6 +402,9 @@ pub fn gather_time(
         return None;
     }
     let per_transaction = since.as_secs_f64() / transactions as f64;
+    if max.as_secs_f64() / per_transaction < MIN_GATHERED {
+        return None;
+    }
     Some(std::time::Duration::from_secs_f64(per_transaction * target as f64).min(max))
 }
 
@@ -686,6 +695,16 @@ mod tests {
         );
         assert_eq!(gather_time(20, D::from_millis(2), 16, max), Some(D::from_micros(1600)));
         assert_eq!(gather_time(20, D::from_millis(2), 16, D::ZERO), None, "switched off");
+        assert_eq!(
+            gather_time(3, D::from_millis(3), 16, max),
+            None,
+            "1,000 commits/s: three would gather in 3 ms, not worth the latency"
+        );
+        assert_eq!(
+            gather_time(5, D::from_millis(3), 16, max),
+            Some(max),
+            "about 1,700 commits/s: worth it"
+        );
     }
 
     #[test]

@@ -63,8 +63,12 @@ async fn subscriber(
     label: Arc<str>,
     shared: Arc<Shared>,
     ready: tokio::sync::mpsc::Sender<Result<(), String>>,
+    connecting: Arc<tokio::sync::Semaphore>,
 ) {
     let url = format!("ws://127.0.0.1:{port}/ws?token={token}");
+    // A few connect at a time: the endpoint admits only
+    // changerelay.max_unauthenticated (64) handshakes at once.
+    let permit = connecting.acquire_owned().await;
     let connect = async {
         let tcp = TcpStream::connect(("127.0.0.1", port))
             .await
@@ -84,7 +88,9 @@ async fn subscriber(
             other => Err(format!("subscriber {i}: no subscription: {other:?}")),
         }
     };
-    let mut ws = match connect.await {
+    let connected = connect.await;
+    drop(permit);
+    let mut ws = match connected {
         Ok(ws) => {
             let _ = ready.send(Ok(())).await;
             ws
@@ -140,8 +146,10 @@ fn main() {
     let shared = Arc::new(Shared::default());
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(subscribers.max(1));
     let mut handles = Vec::new();
+    let connecting = Arc::new(tokio::sync::Semaphore::new(32));
     for t in 0..threads {
         let (shared, token, label, ready) = (shared.clone(), token.clone(), label.clone(), ready_tx.clone());
+        let connecting = connecting.clone();
         handles.push(std::thread::spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -160,6 +168,7 @@ fn main() {
                         label.clone(),
                         shared.clone(),
                         ready.clone(),
+                        connecting.clone(),
                     )));
                 }
                 drop(ready);

@@ -406,9 +406,10 @@ def test_a_label_tracked_for_versions_only_has_no_history(db):
     start = db.execute("SELECT changerelay.current_cursor()").fetchone()[0]
     db.execute(f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b')")
     db.execute(f"UPDATE {table} SET v = 'c' WHERE id = 1")
-    wait_until(lambda: db.execute("SELECT changerelay.version(%s, '1')", (label,)).fetchone()[0], what="versions")
-    v1, v2 = [db.execute("SELECT changerelay.version(%s, %s)", (label, i)).fetchone()[0] for i in ("1", "2")]
-    assert v1 > v2 > 0
+    # The insert and the update commit separately: row 1's version passes row 2's once the update is applied.
+    versions = lambda: [db.execute("SELECT changerelay.version(%s, %s)", (label, i)).fetchone()[0]  # noqa: E731
+                        for i in ("1", "2")]
+    wait_until(lambda: (v := versions())[0] and v[1] and v[0] > v[1] > 0, what="both versions, the update's newer")
     assert db.execute("SELECT count(*) FROM changerelay.history WHERE label = %s", (label,)).fetchone()[0] == 0
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
         changes(db, start, [label])

@@ -393,10 +393,7 @@ pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, Position), String> {
         // Pops what is ready before `next` (and before the cap) into `out`;
         // true when `out` is full.
         let mut drain = |merge: &mut Merge, next: Option<Position>, out: &mut Vec<ChangeView>| {
-            let before = match (next, cap) {
-                (Some(n), Some(c)) => Some(n.min(c)),
-                (n, c) => n.or(c),
-            };
+            let before = [next, cap].into_iter().flatten().min();
             // Filters and privileges may leave out some of what is popped:
             // pop again until `out` is full or nothing more is ready.
             loop {
@@ -422,11 +419,9 @@ pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, Position), String> {
             let last_page = (chunks.len() as i64) < CHUNK_PAGE;
             let mut chunks = chunks.into_iter().peekable();
             while let Some(c) = chunks.next() {
+                // (No chunk begins past the cap: the query leaves them out.)
                 from = c.first;
-                let beyond_cap = cap.is_some_and(|cap| c.first >= cap);
-                if !beyond_cap {
-                    merge.add(chunk::unpack(&c.frames, c.relid, &c.label).unwrap_or_else(|e| vec![damaged(&c, &e)]));
-                }
+                merge.add(chunk::unpack(&c.frames, c.relid, &c.label).unwrap_or_else(|e| vec![damaged(&c, &e)]));
                 // Every change before the next chunk's first is ready; after
                 // the last chunk of a page, the next page tells.
                 let next = match chunks.peek() {
@@ -434,7 +429,7 @@ pub fn read_page(req: &Request) -> Result<(Vec<ChangeView>, Position), String> {
                     None if last_page => None,
                     None => continue,
                 };
-                if drain(&mut merge, next, &mut out)? || beyond_cap {
+                if drain(&mut merge, next, &mut out)? {
                     return Ok(());
                 }
             }

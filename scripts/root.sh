@@ -94,6 +94,8 @@ inner() {
   bind /tmp
   bind /etc/resolv.conf
   bind /etc/hosts
+  # The host's trust store: cargo inside fetches crates through whatever the host trusts (a proxy's own CA).
+  bind /etc/ssl/certs
   bind "$HOME/.cargo" /root/.cargo
   bind "$HOME/.rustup" /root/.rustup
   bind "$PROJECT"

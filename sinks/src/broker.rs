@@ -49,6 +49,9 @@ pub struct Written {
     pub duplicates: usize,
     /// Why the write stopped before the end, if it did.
     pub error: Option<BrokerError>,
+    /// Rows after the refused one that the broker stored anyway (its limits changed while a pipelined write
+    /// was in flight): the refused rows are now behind their destination's last entry, a gap to report.
+    pub stored_after_refusal: Option<String>,
 }
 
 /// A connected broker.
@@ -58,8 +61,9 @@ pub trait Broker: Sized {
     /// The `(event_id, seq)` of the last change `destination` holds, if any.
     fn last(&mut self, destination: &str) -> impl Future<Output = Result<Option<(u64, u32)>, BrokerError>>;
 
-    /// Writes `rows` in order (each to its label's destination), stopping at the first row the broker refuses:
-    /// no row is ever written after one that was not.
+    /// Writes `rows` in order (each to its label's destination), stopping at the first row the broker refuses.
+    /// A broker that pipelines may store a later row after a refused one only when its limits change while
+    /// the write is in flight; it says so in `stored_after_refusal`.
     fn write(&mut self, rows: &[SinkRow]) -> impl Future<Output = Written>;
 }
 

@@ -5,7 +5,10 @@
 //! a sink resumes after the last message of each subject, so a change is stored once even when a retry comes
 //! later than the window. Messages are published in order on one connection and their acknowledgements
 //! awaited in order; a change larger than the server or the stream accepts stops the batch before it is sent,
-//! so a refusal can not leave a later change stored before an earlier one.
+//! so a refusal can not leave a later change stored before an earlier one. A refusal for a stream limit
+//! (messages, bytes) can, when the limit changes while publishes are in flight: every acknowledgement is
+//! awaited, such a gap is reported, and the sink writes one change at a time after a refusal until a write
+//! goes through, so that raising a limit resumes delivery without one.
 
 use async_nats::jetstream::{self, context::Context, stream};
 use async_nats::{Client, ConnectOptions, HeaderMap};
@@ -133,15 +136,35 @@ impl Broker for NatsBroker {
                 }
             }
         }
-        for ack in acks {
+        // Every acknowledgement is awaited, also after a refusal: a later message stored anyway (a limit
+        // raised, or space freed, while the publishes were in flight) leaves the refused ones behind the
+        // subject's last message, which the sink must report rather than skip silently.
+        let mut refused_at = None;
+        for (i, ack) in acks.into_iter().enumerate() {
             match ack.await {
-                Ok(a) => {
+                Ok(a) if refused_at.is_none() => {
                     out.done += 1;
                     if a.duplicate {
                         out.duplicates += 1;
                     }
                 }
-                Err(e) => {
+                Ok(a) => {
+                    if !a.duplicate && out.stored_after_refusal.is_none() {
+                        let first = &rows[out.done];
+                        out.stored_after_refusal = Some(format!(
+                            "nats {}: change {}:{} of label {} was refused, then change {}:{} was stored after it \
+                             (stream sequence {}): the stream misses the refused changes",
+                            self.target.shown_url(),
+                            first.event_id,
+                            first.seq,
+                            first.label,
+                            rows[i].event_id,
+                            rows[i].seq,
+                            a.sequence
+                        ));
+                    }
+                }
+                Err(e) if refused_at.is_none() => {
                     use async_nats::jetstream::context::PublishErrorKind as K;
                     let error = match e.kind() {
                         K::TimedOut | K::BrokenPipe => unreachable(&self.target, "no acknowledgement", e),
@@ -152,12 +175,14 @@ impl Broker for NatsBroker {
                         ),
                         _ => refused(&self.target, "publish refused", e),
                     };
-                    // Later acknowledgements are not awaited: the sink reconnects and resumes after the last
-                    // message each subject holds.
+                    refused_at = Some(i);
                     out.error = Some(error);
-                    return out;
                 }
+                Err(_) => {}
             }
+        }
+        if out.error.is_some() {
+            return out;
         }
         out.error = stop;
         out

@@ -167,6 +167,7 @@ impl Broker for RedisBroker {
             done: (added + duplicates).min(rows.len()),
             duplicates,
             error,
+            stored_after_refusal: None,
         }
     }
 }

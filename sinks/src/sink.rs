@@ -43,6 +43,9 @@ struct Progress {
     gap: Option<String>,
     /// `delivered` as last reported.
     reported: Position,
+    /// After a refusal, one row per write until one goes through: a pipelined write could otherwise store
+    /// a later row while the limit that refused an earlier one is being raised.
+    careful: bool,
     out: Rc<Outbox>,
 }
 
@@ -193,13 +196,18 @@ async fn deliver<B: Broker>(
         if p.pending.is_empty() {
             p.fill(live).await?;
         }
-        let n = p.pending.len().min(p.cfg.target.batch);
+        let n = p.pending.len().min(if p.careful { 1 } else { p.cfg.target.batch });
         let rows: Vec<SinkRow> = p.pending.iter().take(n).cloned().collect();
         let w = broker.write(&rows).await;
         p.written(w.done, w.duplicates);
+        if let Some(gap) = w.stored_after_refusal {
+            p.gap = Some(gap);
+        }
         if let Some(e) = w.error {
+            p.careful |= e.kind == ErrorKind::Refused;
             return Err(e);
         }
+        p.careful = false;
         if p.error.take().is_some() || w.done > 0 {
             p.report(State::Streaming);
         }
@@ -220,6 +228,7 @@ pub(crate) async fn run<B: Broker>(cfg: SinkConfig, mut live: mpsc::Receiver<Arc
         error: cfg.paused.clone(),
         gap: None,
         reported: cfg.start,
+        careful: false,
         cfg,
         out,
     };

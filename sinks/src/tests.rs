@@ -23,6 +23,8 @@ struct Fake {
     /// Rows to accept before the next write fails (then the count is cleared).
     fail_after: Option<usize>,
     duplicates_seen: usize,
+    /// Rows asked for by each write, in order.
+    write_sizes: Vec<usize>,
 }
 
 thread_local! {
@@ -49,6 +51,7 @@ impl Broker for FakeBroker {
     async fn write(&mut self, rows: &[SinkRow]) -> Written {
         FAKE.with_borrow_mut(|f| {
             let mut w = Written::default();
+            f.write_sizes.push(rows.len());
             for row in rows {
                 if f.fail_after == Some(0) {
                     f.fail_after = None;
@@ -251,5 +254,35 @@ fn history_pruned_before_delivery_is_reported_and_skipped() {
     assert!(
         report.error.as_deref().is_some_and(|e| e.contains("pruned")),
         "{report:?}"
+    );
+}
+
+#[test]
+fn after_a_refusal_one_change_is_written_at_a_time_until_one_goes_through() {
+    FAKE.with_borrow_mut(|f| {
+        *f = Fake {
+            fail_after: Some(5),
+            ..Fake::default()
+        }
+    });
+    let all = history(300);
+    let report = run(config((0, END), false), all.clone(), Vec::new(), None);
+    for label in ["a", "b"] {
+        assert_eq!(stored(label), expected(&all, label), "label {label}");
+    }
+    assert_eq!((report.written, report.state), (300, State::Streaming));
+    let sizes = FAKE.with_borrow(|f| f.write_sizes.clone());
+    let refused = sizes
+        .iter()
+        .position(|&n| n > 5)
+        .unwrap_or_else(|| panic!("no batch: {sizes:?}"));
+    assert_eq!(
+        sizes.get(refused + 1),
+        Some(&1),
+        "the retry writes one change: {sizes:?}"
+    );
+    assert!(
+        sizes[refused + 2..].iter().any(|&n| n > 1),
+        "then batches again: {sizes:?}"
     );
 }

@@ -69,7 +69,9 @@ def test_values_jsonb_refuses_are_kept_and_the_relay_goes_on(db):
     # The endpoint sends the value as the table holds it.
     token = db.execute("SELECT changerelay.create_token(%s, %s, true)",
                        ("tok_" + uuid.uuid4().hex[:8], [label])).fetchone()[0]
-    resp = http(f"/changes?labels={label}&since={start}&wait=0s", token=token)
+    # The endpoint loads new tokens within a second of their creation.
+    resp = wait_until(lambda: (r := http(f"/changes?labels={label}&since={start}&wait=0s", token=token)).status
+                      != 401 and r, timeout=15, what="the new token accepted")
     assert resp.status == 200, resp
     assert '"doc":{"a":"\\u0000"}' in resp.body and '"doc":[1e1000000]' in resp.body, resp.body
     still_relaying(db)

@@ -139,10 +139,10 @@ impl Broker for NatsBroker {
         // Every acknowledgement is awaited, also after a refusal: a later message stored anyway (a limit
         // raised, or space freed, while the publishes were in flight) leaves the refused ones behind the
         // subject's last message, which the sink must report rather than skip silently.
-        let mut refused_at = None;
+        let mut failed = false;
         for (i, ack) in acks.into_iter().enumerate() {
             match ack.await {
-                Ok(a) if refused_at.is_none() => {
+                Ok(a) if !failed => {
                     out.done += 1;
                     if a.duplicate {
                         out.duplicates += 1;
@@ -164,7 +164,7 @@ impl Broker for NatsBroker {
                         ));
                     }
                 }
-                Err(e) if refused_at.is_none() => {
+                Err(e) if !failed => {
                     use async_nats::jetstream::context::PublishErrorKind as K;
                     let error = match e.kind() {
                         K::TimedOut | K::BrokenPipe => unreachable(&self.target, "no acknowledgement", e),
@@ -175,16 +175,15 @@ impl Broker for NatsBroker {
                         ),
                         _ => refused(&self.target, "publish refused", e),
                     };
-                    refused_at = Some(i);
+                    failed = true;
                     out.error = Some(error);
                 }
                 Err(_) => {}
             }
         }
-        if out.error.is_some() {
-            return out;
+        if out.error.is_none() {
+            out.error = stop;
         }
-        out.error = stop;
         out
     }
 }

@@ -71,10 +71,11 @@ class Slot:
             flat += [k, str(v).lower() if isinstance(v, bool) else str(v)]
         return flat
 
-    def peek_raw(self, **opts):
+    def peek_raw(self, upto=None, **opts):
+        """The slot's output as text; `upto` (an LSN) bounds it, so that two reads see the same transactions."""
         return [r[0] for r in self.conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_changes(%s, NULL, NULL, VARIADIC %s::text[])",
-            (self.name, self._args(opts))).fetchall()]
+            "SELECT data FROM pg_logical_slot_peek_changes(%s, %s::pg_lsn, NULL, VARIADIC %s::text[])",
+            (self.name, upto, self._args(opts))).fetchall()]
 
     def peek(self, **opts):
         return [json.loads(d) for d in self.peek_raw(**opts)]
@@ -85,11 +86,11 @@ class Slot:
             (self.name, self._args(opts))).fetchall()]
         return [json.loads(d) for d in rows]
 
-    def peek_binary(self, **opts):
+    def peek_binary(self, upto=None, **opts):
         opts = {"format": "binary", **opts}
         return [bytes(r[0]) for r in self.conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, VARIADIC %s::text[])",
-            (self.name, self._args(opts))).fetchall()]
+            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, NULL, VARIADIC %s::text[])",
+            (self.name, upto, self._args(opts))).fetchall()]
 
     def drop(self):
         self.conn.execute(

@@ -1,6 +1,7 @@
 """Commit-to-subscriber latency at fixed commit rates, for three receivers:
 
-* websocket: one subscriber to the endpoint (changes: true), bench/ws_fanout.py's client process;
+* websocket: one subscriber to the endpoint (changes: true), the Rust client of bench/fanout on one thread (a
+  Python receiver competes with the Python writer for this machine's two cores and measures itself);
 * watch: a loop of changerelay.watch(cursor, labels, '1 second') continuing from its last cursor
   (bench/watch_latency.py's loop, in its own process, while the writer runs at a fixed rate);
 * trigger_notify: a row trigger doing nextval() + pg_notify('changes', json), and a psycopg client that LISTENs.
@@ -74,7 +75,7 @@ def measure(b, receiver, rate, seconds, token):
         if receiver == "watch":
             (committed, achieved), arrivals = run_with_process(b, watch_receiver, "lat", write)
         else:
-            (committed, achieved), seen = common.ws_session(b, "lat", token, 1, 1, True, write)
+            (committed, achieved), seen = common.rust_ws_session(b, "lat", token, 1, write, threads=1)
             arrivals = seen["arrivals"]
     lat = common.latencies(committed, arrivals)
     return {"receiver": receiver, "target_rate": rate, "achieved_rate": achieved, "commits": len(committed),
@@ -83,6 +84,7 @@ def measure(b, receiver, rate, seconds, token):
 
 def run(b):
     rates, seconds = ([100, 1000], 3) if b.quick else ([100, 1000, 5000], 10)
+    common.build_fanout_client()
     with b.connect() as c:
         common.make_table(c, "lat_tracked", 8)
         common.track(c, "lat_tracked", "lat")

@@ -345,19 +345,32 @@ impl Unsaved {
         self.labels.is_empty() && self.floors.is_empty() && self.rows.is_empty()
     }
 
-    /// The row versions, packed for one entry of the version log (see
-    /// `crate::pack`): per row, the label, the identifier (both length
-    /// prefixed), the version and its time (zigzag). Rows come in key order,
-    /// so the labels repeat and compress away.
-    pub fn pack_rows(&self) -> Vec<u8> {
-        let mut raw = Vec::with_capacity(self.rows.len() * 24);
+    /// The row versions, packed for entries of the version log of at most
+    /// `per_entry` rows each (see `crate::pack`), as (rows, bytes): per row,
+    /// the label, the identifier (both length prefixed), the version and its
+    /// time (zigzag). Rows come in key order, so the labels repeat and
+    /// compress away.
+    pub fn pack_rows(&self, per_entry: usize) -> Vec<(usize, Vec<u8>)> {
+        let per_entry = per_entry.max(1);
+        let mut out = Vec::with_capacity(self.rows.len().div_ceil(per_entry));
+        let mut raw = Vec::with_capacity(self.rows.len().min(per_entry) * 24);
+        let mut n = 0;
         for ((label, id), v) in &self.rows {
             pack::put_bytes(&mut raw, label.as_bytes());
             pack::put_bytes(&mut raw, id.as_bytes());
             pack::put_varint(&mut raw, v.v);
             pack::put_varint(&mut raw, pack::zigzag(v.ts));
+            n += 1;
+            if n == per_entry {
+                out.push((n, pack::pack(&raw)));
+                raw.clear();
+                n = 0;
+            }
         }
-        pack::pack(&raw)
+        if n > 0 {
+            out.push((n, pack::pack(&raw)));
+        }
+        out
     }
 
     /// The row versions of a version log entry, in the order packed.
@@ -672,11 +685,28 @@ mod tests {
                 },
             );
         }
-        let packed = s.pack_rows();
+        let entries = s.pack_rows(1000);
+        assert_eq!(entries.len(), 1);
+        let (n, packed) = &entries[0];
+        assert_eq!(*n, 1000);
         assert!(packed.len() < 1000 * 16, "about a dozen bytes a row: {}", packed.len());
-        let rows = Unsaved::unpack_rows(&packed).unwrap_or_default();
+        let rows = Unsaved::unpack_rows(packed).unwrap_or_default();
         assert_eq!(rows, s.rows.clone().into_iter().collect::<Vec<_>>());
         assert!(Unsaved::unpack_rows(&packed[..packed.len() - 2]).is_err());
+        // Split into entries of at most 300 rows: 300, 300, 300, 100, in order.
+        let split = s.pack_rows(300);
+        assert_eq!(
+            split.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            vec![300, 300, 300, 100]
+        );
+        let mut again = Vec::new();
+        for (n, bytes) in &split {
+            let part = Unsaved::unpack_rows(bytes).unwrap_or_default();
+            assert_eq!(part.len(), *n);
+            again.extend(part);
+        }
+        assert_eq!(again, rows);
+        assert!(Unsaved::default().pack_rows(300).is_empty());
     }
 
     #[test]

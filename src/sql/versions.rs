@@ -116,7 +116,7 @@ fn persisted_as_written(label: &str, ident: Option<&str>) -> (Option<Version>, V
 
 /// `rows` of `label` (only `ident`'s, when given) with the newer versions
 /// of the version log merged in, in identifier order. The log holds the
-/// checkpoints since `row_versions` was last compacted.
+/// checkpoints not yet folded into `row_versions`.
 fn with_logged(label: &str, ident: Option<&str>, rows: Vec<(String, Version)>) -> Vec<(String, Version)> {
     let entries = crate::sql::select_all("SELECT entries FROM changerelay.version_log ORDER BY id", &[], |r| {
         r.get::<Vec<u8>>(1).map(Option::unwrap_or_default)

@@ -2,13 +2,19 @@
 //! ([`Unsaved`]) into the version tables.
 //!
 //! Label versions and floors are upserted into `label_versions` (a few rows).
-//! Row versions, the many, go as one packed entry into `version_log`
-//! (about a dozen bytes a row, `Unsaved::pack_rows`); when the log holds
-//! more than [`COMPACT_ROWS`] rows or [`COMPACT_ENTRIES`] entries, it is
-//! folded into `row_versions` (each row once, however often it was logged)
-//! and emptied. Rows with identifiers longer than shared memory keeps whole
-//! are upserted into `row_versions` at once instead (readers list them by
-//! name from there). Every write only moves versions forward.
+//! Row versions, the many, go as packed entries into `version_log`
+//! (about a dozen bytes a row, `Unsaved::pack_rows`; at most
+//! [`FOLD_STEP_ROWS`] rows an entry). While the log holds
+//! more than [`FOLD_ABOVE_ROWS`] rows or [`FOLD_ABOVE_ENTRIES`] entries, its
+//! oldest entries are folded into `row_versions` a step at a time
+//! ([`fold_oldest`], about [`FOLD_STEP_ROWS`] rows a step, each row once
+//! however often those entries logged it) and deleted: a step is one short
+//! transaction of its own, never part of a batch, so publishing never waits
+//! for a whole log. Rows with identifiers longer than shared memory keeps
+//! whole are upserted into `row_versions` at once instead (readers list them
+//! by name from there). Every write only moves versions forward, and readers
+//! take the newest of `row_versions` and the log, so folding the oldest
+//! entries first is invisible to them.
 
 use super::persist::Statements;
 use changerelay_core::apply::Unsaved;
@@ -16,12 +22,15 @@ use changerelay_core::versions::Version;
 use pgrx::prelude::*;
 use std::collections::BTreeMap;
 
-/// Rows the log may hold before it is compacted...
-const COMPACT_ROWS: i64 = 300_000;
+/// Rows the log may hold before its oldest entries are folded...
+const FOLD_ABOVE_ROWS: i64 = 300_000;
 /// ...and entries (checkpoints: about an hour of them at one per 10 s).
-const COMPACT_ENTRIES: i64 = 360;
-/// Rows upserted per statement when compacting.
-const UPSERT_ROWS: usize = 50_000;
+const FOLD_ABOVE_ENTRIES: i64 = 360;
+/// Rows of the oldest entries one fold step takes (whole entries, at least
+/// one), and most rows of an entry: a step is about 0.1 s of upserts here,
+/// and at one a second far more than pgbench's TPC-B-like load logs, so the
+/// log stays bounded.
+const FOLD_STEP_ROWS: i64 = 20_000;
 
 /// What the version log holds (read once, then kept by the worker).
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,6 +41,11 @@ pub struct VersionLog {
 }
 
 impl VersionLog {
+    /// Whether its oldest entries are to be folded ([`fold_oldest`]).
+    pub fn needs_fold(&self) -> bool {
+        self.rows > FOLD_ABOVE_ROWS || self.entries > FOLD_ABOVE_ENTRIES
+    }
+
     /// Reads the log's size (inside a transaction).
     pub fn read() -> Result<VersionLog, String> {
         Spi::connect(|c| {
@@ -68,59 +82,74 @@ pub enum Saved {
 pub fn write(st: &Statements, u: &Unsaved, log: VersionLog) -> Result<Saved, String> {
     upsert_labels(st, u)?;
     let mut log = log;
-    if !u.rows.is_empty() {
-        let rows = u.rows.len() as i64;
-        let entries = u.pack_rows();
+    for (rows, entry) in u.pack_rows(FOLD_STEP_ROWS as usize) {
         Spi::connect_mut(|c| {
-            c.update(
-                &st.log,
-                None,
-                &[
-                    log.next_id.into(),
-                    (rows.min(i64::from(i32::MAX)) as i32).into(),
-                    entries.into(),
-                ],
-            )
-            .map(|_| ())
+            c.update(&st.log, None, &[log.next_id.into(), (rows as i32).into(), entry.into()])
+                .map(|_| ())
         })
         .map_err(|e| e.to_string())?;
         log = VersionLog {
             next_id: log.next_id + 1,
             entries: log.entries + 1,
-            rows: log.rows + rows,
+            rows: log.rows + rows as i64,
         };
-    }
-    if log.rows > COMPACT_ROWS || log.entries > COMPACT_ENTRIES {
-        log = compact(st, log)?;
     }
     Spi::connect_mut(|c| c.update(&st.exact, None, &[true.into()]).map(|_| ())).map_err(|e| e.to_string())?;
     Ok(Saved::Checkpoint(log))
 }
 
-/// Folds the log into `row_versions` and empties it.
-fn compact(st: &Statements, log: VersionLog) -> Result<VersionLog, String> {
+/// Folds the log's oldest entries, about [`FOLD_STEP_ROWS`] rows of them,
+/// into `row_versions` and deletes them (inside the caller's transaction).
+/// Returns the log as it is then.
+pub fn fold_oldest(st: &Statements, log: VersionLog) -> Result<VersionLog, String> {
+    // The entries' sizes first (a few bytes each), then only the chosen ones.
+    let sizes = crate::sql::select_all("SELECT id, rows FROM changerelay.version_log ORDER BY id", &[], |r| {
+        Ok((r.get::<i64>(1)?.unwrap_or(0), i64::from(r.get::<i32>(2)?.unwrap_or(0))))
+    })
+    .map_err(|e| e.to_string())?;
+    let (mut upto, mut taken, mut entries) = (None, 0i64, 0i64);
+    for (id, rows) in &sizes {
+        if taken >= FOLD_STEP_ROWS {
+            break;
+        }
+        upto = Some(*id);
+        taken += rows;
+        entries += 1;
+    }
+    let Some(upto) = upto else {
+        return Ok(VersionLog {
+            next_id: log.next_id,
+            entries: 0,
+            rows: 0,
+        });
+    };
     let mut merged: BTreeMap<(String, String), Version> = BTreeMap::new();
-    for entry in read_log()? {
+    let chosen = crate::sql::select_all(
+        "SELECT entries FROM changerelay.version_log WHERE id <= $1 ORDER BY id",
+        &[upto.into()],
+        |r| r.get::<Vec<u8>>(1).map(Option::unwrap_or_default),
+    )
+    .map_err(|e| e.to_string())?;
+    for entry in chosen {
         for (key, v) in Unsaved::unpack_rows(&entry)? {
             let slot = merged.entry(key).or_default();
             *slot = slot.max(v);
         }
     }
-    let rows: Vec<_> = merged.into_iter().collect();
-    for slice in rows.chunks(UPSERT_ROWS) {
-        upsert_rows(st, slice.iter().map(|(k, v)| (k, *v)))?;
-    }
-    Spi::run("DELETE FROM changerelay.version_log").map_err(|e| e.to_string())?;
-    log!(
-        "pg_changerelay relay: compacted the version log ({} entries, {} rows) into {} row versions",
-        log.entries,
-        log.rows,
-        rows.len()
-    );
+    upsert_rows(st, merged.iter().map(|(k, v)| (k, *v)))?;
+    Spi::connect_mut(|c| {
+        c.update(
+            "DELETE FROM changerelay.version_log WHERE id <= $1",
+            None,
+            &[upto.into()],
+        )
+        .map(|_| ())
+    })
+    .map_err(|e| e.to_string())?;
     Ok(VersionLog {
         next_id: log.next_id,
-        entries: 0,
-        rows: 0,
+        entries: (sizes.len() as i64 - entries).max(0),
+        rows: sizes.iter().map(|(_, r)| r).sum::<i64>() - taken,
     })
 }
 

@@ -290,6 +290,9 @@ impl Relay {
             self.hold_start();
             self.maybe_prune();
             self.maybe_analyze();
+            if let Err(e) = self.persister.fold_if_due() {
+                warning!("pg_changerelay relay: could not fold the version log: {e}");
+            }
         }
         let Some(decoder) = self.decoder.as_mut() else {
             return poll;

@@ -64,9 +64,8 @@ const LABELS: &str = "INSERT INTO changerelay.label_versions AS t (label, v, ts,
 const ROWS: &str = "INSERT INTO changerelay.row_versions AS t (label, identifier, v, ts)
      SELECT * FROM unnest($1::pg_catalog.text[], $2::pg_catalog.text[], $3::pg_catalog.int8[],
                                      $4::pg_catalog.int8[])
-     ON CONFLICT (label, identifier) DO UPDATE SET
-        v = greatest(t.v, excluded.v),
-        ts = CASE WHEN excluded.v > t.v THEN excluded.ts ELSE t.ts END";
+     ON CONFLICT (label, identifier) DO UPDATE SET v = excluded.v, ts = excluded.ts
+     WHERE excluded.v > t.v";
 const HISTORY: &str = "INSERT INTO changerelay.history
             (event_id, pos, last_event_id, last_pos, batch, ts, relid, label, changes, frames)
      SELECT * FROM unnest($1::pg_catalog.int8[], $2::pg_catalog.int4[], $3::pg_catalog.int8[],
@@ -145,6 +144,8 @@ pub struct Fresh {
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// ...and most versions held unsaved before one.
 const CHECKPOINT_ENTRIES: usize = 100_000;
+/// Shortest time between two steps of folding the version log.
+const FOLD_EVERY: Duration = Duration::from_secs(1);
 
 /// Writes batches. History goes out with every batch; versions are held
 /// ([`Unsaved`]) and written at version checkpoints: every
@@ -165,6 +166,7 @@ pub struct Persister {
     /// The version log, once read.
     log: Option<VersionLog>,
     last_checkpoint: Instant,
+    last_fold: Option<Instant>,
 }
 
 impl Default for Persister {
@@ -176,6 +178,7 @@ impl Default for Persister {
             exact: None,
             log: None,
             last_checkpoint: Instant::now(),
+            last_fold: None,
         }
     }
 }
@@ -240,6 +243,21 @@ impl Persister {
             self.last_checkpoint = Instant::now();
         }
         done
+    }
+
+    /// One step of folding the version log into `row_versions` once it has
+    /// grown past its bound (see [`checkpoint`]), in a transaction of its
+    /// own, at most every [`FOLD_EVERY`].
+    pub fn fold_if_due(&mut self) -> Result<(), String> {
+        let Some(log) = self.log else { return Ok(()) };
+        if !log.needs_fold() || self.last_fold.is_some_and(|t| t.elapsed() < FOLD_EVERY) {
+            return Ok(());
+        }
+        self.last_fold = Some(Instant::now());
+        let statements = &mut self.statements;
+        let folded = try_transaction(|| checkpoint::fold_oldest(prepared(statements)?, log))?;
+        self.log = Some(folded);
+        Ok(())
     }
 
     /// Writes every version held (when the worker stops).

@@ -32,7 +32,8 @@ INSTALL = shlex.split(os.environ.get("PGCR_INSTALL", "")) or \
 # The extra clusters some tests start listen at fixed offsets from PORT (and their endpoints, as every
 # cluster's, at their port + 1000), so that one base (PGCR_PORT) moves them all.
 PORT_OFFSETS = {"small": -2, "nopreload": -3, "faults": -4, "owner": -5, "sqlascii": -6, "upgrade": -7,
-                "foreign": -8, "endpoint": -9, "tls": -12, "ha_primary": -13, "ha_standby": -14, "ha_slot": -15}
+                "foreign": -8, "endpoint": -9, "tls": -12, "ha_primary": -13, "ha_standby": -14, "ha_slot": -15,
+                "fold": -16}
 
 
 def extra_port(name):

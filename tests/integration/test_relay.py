@@ -324,10 +324,15 @@ class ExtraCluster:
         self.dir = os.path.join(WORK, name)
         self.port = port
         self.env = {**os.environ, "PG": str(pg or PG)}
+        self.start_env = {**self.env, "EXTRA_CONF": extra_conf, "INITDB_ENCODING": encoding}
         subprocess.run([CLUSTER, "stop", self.dir], check=False, env=self.env)
         subprocess.run(["rm", "-rf", self.dir], check=True)
-        subprocess.run([CLUSTER, "start", self.dir, str(port)], check=True, timeout=120,
-                       env={**self.env, "EXTRA_CONF": extra_conf, "INITDB_ENCODING": encoding})
+        subprocess.run([CLUSTER, "start", self.dir, str(port)], check=True, timeout=120, env=self.start_env)
+
+    def restart(self):
+        """A clean stop (the worker writes its versions first), then a start with the same settings."""
+        subprocess.run([CLUSTER, "stop", self.dir], check=True, timeout=120, env=self.env)
+        subprocess.run([CLUSTER, "start", self.dir, str(self.port)], check=True, timeout=120, env=self.start_env)
 
     def connect(self, dbname="postgres", user="postgres"):
         return psycopg.connect(f"host=127.0.0.1 port={self.port} user={user} dbname={dbname}", autocommit=True)
@@ -371,6 +376,53 @@ def test_small_map_never_reports_an_older_version():
             assert st["capacity"] == 100 and st["used"] <= 100 and st["evictions"] > 0
             size = c.execute("SELECT size FROM pg_shmem_allocations WHERE name = 'pg_changerelay'").fetchone()[0]
             assert size < 200_000, "1024 labels and 100 rows stay small"
+    finally:
+        cluster.stop()
+
+
+def test_the_version_log_is_folded_a_step_at_a_time_and_loses_no_version():
+    """Row versions go to the version log at checkpoints, in entries of at most 20,000 rows; past 300,000 rows its
+    oldest entries are folded into row_versions, a step of about 20,000 rows at a time in a transaction of its own
+    (never the whole log inside a batch). 330,000 rows inserted in 11 transactions: the log comes back under its
+    bound without ever holding a bigger entry, the folded rows are in row_versions, and after a clean restart the
+    versions loaded from the tables are exactly those of before."""
+    cluster = ExtraCluster("test-cluster-fold", extra_port("fold"), "changerelay.max_tracked_rows = 400000")
+    try:
+        with cluster.connect() as c:
+            c.execute("CREATE EXTENSION pg_changerelay")
+            c.execute("CREATE TABLE items (id int PRIMARY KEY, n int)")
+            c.execute("SELECT changerelay.track('items', 'items', history => false)")
+            for k in range(11):
+                c.execute("INSERT INTO items SELECT g, 0 FROM generate_series(%s::int, %s::int) g",
+                          (k * 30_000 + 1, (k + 1) * 30_000))
+            wait_until(lambda: c.execute("SELECT changerelay.version('items', '330000')").fetchone()[0],
+                       what="the last row applied")
+
+            def log():
+                return c.execute("""SELECT count(*), coalesce(sum(rows), 0), coalesce(max(rows), 0)
+                                    FROM changerelay.version_log""").fetchone()
+
+            def folded():
+                return c.execute("SELECT count(*) FROM changerelay.row_versions WHERE label = 'items'").fetchone()[0]
+
+            seen = []
+
+            def under_bound():
+                seen.append(log())
+                return folded() > 0 and seen[-1][1] <= 300_000 and seen[-1][1] + folded() >= 330_000
+
+            wait_until(under_bound, timeout=90, what="the version log folded under its bound")
+            assert max(s[2] for s in seen) <= 20_000, seen
+            # A step at a time: the log is back under its bound, not emptied.
+            assert seen[-1][1] >= 250_000 and folded() <= 80_000, (seen[-1], folded())
+            before = dict(c.execute("SELECT identifier, v FROM changerelay.versions('items')").fetchall())
+            assert len(before) == 330_001  # the `all` row and every row
+        cluster.restart()
+        with cluster.connect() as c:
+            wait_until(lambda: c.execute("SELECT changerelay.status()->>'versions_loaded'").fetchone()[0] == "true",
+                       what="versions loaded")
+            after = dict(c.execute("SELECT identifier, v FROM changerelay.versions('items')").fetchall())
+            assert after == before
     finally:
         cluster.stop()
 

@@ -40,8 +40,9 @@ unsafe extern "C-unwind" {
 }
 
 /// The WAL page callback: `read_local_xlog_page`, except that while the
-/// page is not flushed yet it waits here and gives up (-1: `XLogReadRecord`
-/// returns no record and no error) once SIGTERM has arrived.
+/// page is not flushed yet it waits here (and exits if the postmaster dies)
+/// and gives up (-1: `XLogReadRecord` returns no record and no error) once
+/// SIGTERM has arrived.
 /// `read_local_xlog_page` itself waits in a loop that only a backend's die()
 /// ends, and the flush position can cut through a record (the WAL writer
 /// flushes whole pages) whose rest, at shutdown, is never flushed: the
@@ -54,14 +55,15 @@ unsafe extern "C-unwind" fn read_page_or_stop(
     cur_page: *mut std::ffi::c_char,
 ) -> std::ffi::c_int {
     let wanted = target_page + req_len.max(0) as u64;
-    // SAFETY: reading the flush position from shared memory and sleeping,
-    // on the main thread (decoding calls this from XLogReadRecord).
+    // SAFETY: reading the flush position from shared memory, on the main
+    // thread (decoding calls this from XLogReadRecord).
     while wanted > unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) } {
         if crate::compat::sigterm_received() {
             return -1;
         }
-        // SAFETY: as above; 1 ms, as read_local_xlog_page waits.
-        unsafe { pg_sys::pg_usleep(1000) };
+        // 1 ms, as read_local_xlog_page waits, on the latch's timeout so that
+        // the postmaster's death ends the worker here too.
+        super::sleep_through_latch(std::time::Duration::from_millis(1));
     }
     // SAFETY: the arguments are XLogReadRecord's, passed on unchanged.
     unsafe { c_read_local_xlog_page(state, target_page, req_len, target_rec, cur_page) }

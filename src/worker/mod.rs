@@ -298,7 +298,7 @@ impl Relay {
             return poll;
         };
         if let Some(d) = self.gather.take() {
-            gather(d);
+            sleep_through_latch(d);
         }
         let (mut frames, end, more) = decoder.decode(gucs::batch_changes().max(1) as usize);
         if let Some(why) = frames.failure() {
@@ -603,8 +603,8 @@ impl Pace {
 }
 
 /// Sleeps `d` whatever sets the latch (commits do, all the time); a SIGTERM
-/// is seen right after.
-fn gather(d: Duration) {
+/// is seen right after, the postmaster's death ends the process.
+fn sleep_through_latch(d: Duration) {
     // SAFETY: main thread; a timeout-only wait on this process's latch.
     unsafe {
         pg_sys::WaitLatch(

@@ -154,7 +154,29 @@ impl<'a> Scalar<'a> {
             Scalar::Float(f) => Some(Cow::Owned(f.to_string())),
             Scalar::Numeric(t) | Scalar::Json(t) | Scalar::Text(t) => Some(t.clone()),
             Scalar::Omitted(_) => None,
+            Scalar::Date(_) | Scalar::Timestamp(_) | Scalar::TimestampTz(_) | Scalar::Uuid(_) => {
+                Some(Cow::Owned(self.typed_text().unwrap_or_default()))
+            }
         }
+    }
+
+    /// The text of a date, timestamp or uuid, as Postgres writes it in ISO
+    /// style and UTC; `None` for other scalars.
+    pub fn typed_text(&self) -> Option<String> {
+        let mut out = String::with_capacity(32);
+        self.write_typed_text(&mut out).then_some(out)
+    }
+
+    /// Writes what [`Scalar::typed_text`] returns; false (nothing written) for other scalars.
+    pub fn write_typed_text(&self, out: &mut impl crate::pgtext::TextOut) -> bool {
+        match self {
+            Scalar::Date(d) => crate::pgtext::write_date(*d, out),
+            Scalar::Timestamp(us) => crate::pgtext::write_timestamp(*us, false, out),
+            Scalar::TimestampTz(us) => crate::pgtext::write_timestamp(*us, true, out),
+            Scalar::Uuid(b) => crate::pgtext::write_uuid(b, out),
+            _ => return false,
+        }
+        true
     }
 }
 
@@ -197,6 +219,13 @@ pub enum Scalar<'a> {
     /// conversion). JSON shows it as [`OMITTED_MARKER`]. Added last, so
     /// frames written before it existed still decode.
     Omitted(u64),
+    /// date: days since 2000-01-01 (`i32::MIN`/`MAX` are -infinity/infinity).
+    Date(i32),
+    /// timestamp without time zone: microseconds since 2000-01-01 00:00.
+    Timestamp(i64),
+    /// timestamptz: microseconds since 2000-01-01 00:00 UTC.
+    TimestampTz(i64),
+    Uuid([u8; 16]),
 }
 
 /// The key of the object that stands in for a value the plugin left out:

@@ -21,6 +21,7 @@ pub mod lsn;
 pub mod metadata;
 pub mod options;
 pub mod pack;
+pub mod pgtext;
 pub mod tables;
 pub mod thread;
 pub mod time;

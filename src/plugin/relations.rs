@@ -23,8 +23,16 @@ pub enum Kind {
     Int8,
     Float4,
     Float8,
+    /// Written from its stored digits (its output function where they can not be read).
     Numeric,
+    /// json: its stored text is its output.
     Json,
+    /// jsonb: written from its stored form (its output function where that can not be read).
+    Jsonb,
+    Date,
+    Timestamp,
+    TimestampTz,
+    Uuid,
     Array,
     /// text, varchar, char(n): the value's own bytes are its text output.
     Varlena,
@@ -381,7 +389,12 @@ unsafe fn output_function(typid: pg_sys::Oid, cxt: pg_sys::MemoryContext) -> (Bo
         pg_sys::FLOAT4OID => Kind::Float4,
         pg_sys::FLOAT8OID => Kind::Float8,
         pg_sys::NUMERICOID => Kind::Numeric,
-        pg_sys::JSONOID | pg_sys::JSONBOID => Kind::Json,
+        pg_sys::JSONOID => Kind::Json,
+        pg_sys::JSONBOID => Kind::Jsonb,
+        pg_sys::DATEOID => Kind::Date,
+        pg_sys::TIMESTAMPOID => Kind::Timestamp,
+        pg_sys::TIMESTAMPTZOID => Kind::TimestampTz,
+        pg_sys::UUIDOID => Kind::Uuid,
         pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => Kind::Varlena,
         // SAFETY: as above.
         _ if unsafe { pg_sys::get_element_type(base) } != pg_sys::InvalidOid => Kind::Array,

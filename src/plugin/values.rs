@@ -5,7 +5,7 @@
 //! the rows before resetting that context.
 
 use super::relations::{ColumnInfo, ElemInfo, Kind, RelInfo};
-use changerelay_core::{Column, Row, Scalar, Value};
+use changerelay_core::{pgtext, Column, Row, Scalar, Value};
 use pgrx::pg_sys;
 use std::borrow::Cow;
 use std::ffi::{c_char, CStr};
@@ -168,8 +168,25 @@ unsafe fn scalar_value<'a>(kind: Kind, datum: pg_sys::Datum, out: &pg_sys::FmgrI
         Kind::Int8 => Scalar::Int(bits as i64),
         Kind::Float4 => Scalar::Float4(f32::from_bits(bits as u32)),
         Kind::Float8 => Scalar::Float(f64::from_bits(bits as u64)),
+        Kind::Date => Scalar::Date(bits as i32),
+        Kind::Timestamp => Scalar::Timestamp(bits as i64),
+        Kind::TimestampTz => Scalar::TimestampTz(bits as i64),
+        // SAFETY: a uuid datum points at its 16 bytes.
+        Kind::Uuid => Scalar::Uuid(unsafe { *datum.cast_mut_ptr::<[u8; 16]>() }),
+        // SAFETY: forwarded from the caller (both readers take a varlena).
+        Kind::Numeric => match unsafe { stored_text(datum, pgtext::write_numeric) } {
+            Some(text) => Scalar::Numeric(Cow::Owned(text)),
+            // SAFETY: forwarded from the caller.
+            None => Scalar::Numeric(unsafe { output_text(out, datum, utf8) }),
+        },
         // SAFETY: forwarded from the caller.
-        Kind::Numeric => Scalar::Numeric(unsafe { output_text(out, datum, utf8) }),
+        Kind::Jsonb => match unsafe { stored_text(datum, pgtext::write_jsonb) } {
+            Some(text) => Scalar::Json(Cow::Owned(text)),
+            // SAFETY: forwarded from the caller.
+            None => Scalar::Json(unsafe { output_text(out, datum, utf8) }),
+        },
+        // SAFETY: json's stored text is what its output function returns.
+        Kind::Json if utf8 => Scalar::Json(unsafe { varlena_text(datum) }),
         // SAFETY: forwarded from the caller.
         Kind::Json => Scalar::Json(unsafe { output_text(out, datum, utf8) }),
         // SAFETY: forwarded from the caller.
@@ -177,6 +194,24 @@ unsafe fn scalar_value<'a>(kind: Kind, datum: pg_sys::Datum, out: &pg_sys::FmgrI
         // SAFETY: forwarded from the caller.
         Kind::Array | Kind::Text | Kind::Varlena => Scalar::Text(unsafe { output_text(out, datum, utf8) }),
     }
+}
+
+/// The text a core reader writes from a varlena's stored bytes (numeric,
+/// jsonb), or `None` when it does not recognise them.
+///
+/// # Safety
+/// `datum` must be a non-null varlena, alive while this runs.
+unsafe fn stored_text(datum: pg_sys::Datum, write: fn(&[u8], &mut String) -> Option<()>) -> Option<String> {
+    // SAFETY: detoasting a valid varlena yields a plain one (the datum
+    // itself, or a copy in the per-change context) whose header gives the
+    // length of its data.
+    let bytes: &[u8] = unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(v);
+        std::slice::from_raw_parts(pgrx::varlena::vardata_any(v).cast::<u8>(), len)
+    };
+    let mut text = String::with_capacity(bytes.len() * 2 + 8);
+    write(bytes, &mut text).map(|()| text)
 }
 
 /// # Safety

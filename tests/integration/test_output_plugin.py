@@ -349,6 +349,58 @@ def test_json_and_binary_agree_through_decode(db, slot):
     assert sum(map(len, frames)) < sum(len(t.encode()) for t in texts)
 
 
+def test_values_written_without_output_functions_read_as_postgres_writes_them(db, slot):
+    """numeric, jsonb, date, timestamp, timestamptz and uuid are written from their stored form, not by their
+    output functions: every value's text must be what Postgres prints (DateStyle ISO, TimeZone UTC), in both
+    formats, whatever the decoding session's own settings."""
+    fresh_table(db, "t_typed", "id int PRIMARY KEY, n numeric, jb jsonb, d date, ts timestamp, tz timestamptz, "
+                               "u uuid, na numeric[], tza timestamptz[]")
+    db.execute("""INSERT INTO t_typed
+        SELECT g,
+               CASE WHEN g % 11 = 0 THEN 'NaN'::numeric WHEN g % 13 = 0 THEN 'Infinity' WHEN g % 17 = 0 THEN '-Infinity'
+                    ELSE round(((random() - 0.5) * 10 ^ (g % 40 - 20))::numeric, g % 25) END,
+               CASE g % 5
+                 WHEN 0 THEN jsonb_build_object('g', g, 'neg', -g / 7.0, 's', E'q"b\\\n\t\x01é', 'a', jsonb_build_array(g, NULL, true, false, '{}'::jsonb, '[]'::jsonb))
+                 WHEN 1 THEN (SELECT jsonb_agg(x * 1.5) FROM generate_series(1, g % 90) x)
+                 WHEN 2 THEN to_jsonb('scalar ' || g)
+                 WHEN 3 THEN to_jsonb(g * 1000000000000.000001)
+                 ELSE (SELECT jsonb_object_agg('k' || x, jsonb_build_object('n', x, 'deep', jsonb_build_array(jsonb_build_array(x)))) FROM generate_series(1, g % 40) x) END,
+               CASE WHEN g = 1 THEN 'infinity'::date WHEN g = 2 THEN '-infinity' WHEN g = 3 THEN '0044-03-15 BC'
+                    ELSE date '2000-01-01' + (g * 7919 % 2000000 - 1000000) END,
+               CASE WHEN g = 1 THEN 'infinity'::timestamp WHEN g = 2 THEN '-infinity'
+                    ELSE timestamp '2000-01-01' + (g * 104729 % 1000000 - 500000) * interval '1 day 00:00:01.000123' END,
+               CASE WHEN g = 1 THEN '-infinity'::timestamptz WHEN g = 4 THEN '4713-01-01 00:00:00+00 BC'
+                    ELSE timestamptz '1970-01-01 00:00:00+00' + g * interval '12345 s 6789 us' * g END,
+               md5(g::text)::uuid,
+               ARRAY[g / 3.0, -g, 'NaN'],
+               ARRAY[timestamptz '2026-01-01 12:00:00+05' + g * interval '1 us', NULL]
+        FROM generate_series(1, 400) g""")
+    db.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'")
+    expected = {r[0]: r[1:] for r in db.execute(
+        "SELECT id, n::text, jb::text, d::text, ts::text, tz::text, u::text, "
+        "       ARRAY(SELECT x::text FROM unnest(na) x), ARRAY(SELECT x::text FROM unnest(tza) x) FROM t_typed").fetchall()}
+    # The decoding session's own settings must not change a value's text.
+    db.execute("SET TimeZone = 'America/New_York'; SET DateStyle = 'SQL, DMY'")
+    end = db.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+    texts = slot.peek_raw(upto=end)
+    frames = slot.peek_binary(upto=end)
+    db.execute("RESET TimeZone; RESET DateStyle")
+    changes = [json.loads(t) for t in texts if json.loads(t)["type"] == "insert"]
+    assert len(changes) == 400
+    for text in texts:
+        change = json.loads(text)
+        if change["type"] != "insert":
+            continue
+        new = change["new"]
+        n, jb, d, ts, tz, u, na, tza = expected[new["id"]]
+        assert new["n"] == n and new["d"] == d and new["ts"] == ts and new["tz"] == tz and new["u"] == u, new
+        # jsonb is embedded exactly as jsonb_out writes it.
+        assert f'"jb":{jb}' in text, (jb, text)
+        assert new["na"] == na and new["tza"] == tza, (new["na"], na, new["tza"], tza)
+    decoded = [db.execute("SELECT changerelay.decode(%s)::text", (f,)).fetchone()[0] for f in frames]
+    assert [json.loads(x) for x in decoded] == [json.loads(t) for t in texts]
+
+
 def test_decode_rejects_garbage(db):
     for frame in (b"", b"\x01", b"\x02abc", b"\x01\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff"):
         with pytest.raises(psycopg.errors.InvalidBinaryRepresentation):

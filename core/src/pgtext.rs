@@ -8,6 +8,8 @@
 //! `DateStyle = ISO` and (for timestamptz) `TimeZone = UTC`: a change feed
 //! reads the same whatever settings the decoding session has.
 //!
+//! The stored layouts read are those of a little-endian server.
+//!
 //! Stored bytes come from Postgres, but a reader must never trust a length
 //! it reads: every parser here checks its bounds and returns `None` on
 //! anything it does not recognise, and the caller falls back to the type's

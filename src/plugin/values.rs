@@ -202,6 +202,10 @@ unsafe fn scalar_value<'a>(kind: Kind, datum: pg_sys::Datum, out: &pg_sys::FmgrI
 /// # Safety
 /// `datum` must be a non-null varlena, alive while this runs.
 unsafe fn stored_text(datum: pg_sys::Datum, write: fn(&[u8], &mut String) -> Option<()>) -> Option<String> {
+    // The readers know the little-endian layout only.
+    if cfg!(target_endian = "big") {
+        return None;
+    }
     // SAFETY: detoasting a valid varlena yields a plain one (the datum
     // itself, or a copy in the per-change context) whose header gives the
     // length of its data.

@@ -10,7 +10,7 @@
 set -euo pipefail
 
 SECONDS_EACH="${1:-60}"
-TARGETS="${TARGETS:-binary_frame cursor filter http_request}"
+TARGETS="${TARGETS:-binary_frame cursor filter http_request stored_form}"
 CARGO_FUZZ_VERSION="0.13.2"   # builds with Rust 1.95
 
 cd "$(dirname "$0")/.."

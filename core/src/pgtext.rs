@@ -282,6 +282,24 @@ pub fn write_numeric(num: &[u8], out: &mut impl TextOut) -> Option<()> {
     Some(())
 }
 
+/// Whether a numeric's text is a JSON number, as every number jsonb holds
+/// is: not NaN or an infinity, and no leading zero digit (which only a
+/// damaged value has).
+fn is_json_number(num: &[u8]) -> bool {
+    let Some(head) = u16_at(num, 0) else { return false };
+    let (weight, digits_at) = match head & NUMERIC_SIGN_MASK {
+        NUMERIC_SPECIAL => return false,
+        // A negative weight: "0.…".
+        NUMERIC_SHORT if head & NUMERIC_SHORT_WEIGHT_SIGN_MASK != 0 => return true,
+        NUMERIC_SHORT => ((head & NUMERIC_SHORT_WEIGHT_MASK) as i16, 2),
+        _ => match u16_at(num, 2) {
+            Some(w) => (w as i16, 4),
+            None => return false,
+        },
+    };
+    weight <= 0 || u16_at(num, digits_at).is_some_and(|d| d != 0)
+}
+
 const JB_CMASK: u32 = 0x0FFF_FFFF;
 const JB_FSCALAR: u32 = 0x1000_0000;
 const JB_FOBJECT: u32 = 0x2000_0000;
@@ -382,6 +400,9 @@ fn write_jsonb_value(kind: u32, data: &[u8], start: usize, end: usize, out: &mut
         }
         JENTRY_ISNUMERIC => {
             let num = varlena_payload(data.get(int_align(start)..end)?)?;
+            if !is_json_number(num) {
+                return None;
+            }
             write_numeric(num, out)?;
         }
         JENTRY_ISBOOL_FALSE => out.push_str("false"),
@@ -633,19 +654,59 @@ mod tests {
     }
 
     #[test]
+    fn jsonb_numbers_that_are_not_json_are_refused() {
+        let nan = 0xC000u16.to_le_bytes().to_vec();
+        assert_eq!(jsonb(&J::Arr(vec![J::Num(nan)])), None);
+        let leading_zero = short_numeric(false, 1, 0, &[0, 5]);
+        assert_eq!(jsonb(&J::Arr(vec![J::Num(leading_zero)])), None);
+        let small = short_numeric(true, -1, 3, &[50]);
+        assert_eq!(jsonb(&J::Arr(vec![J::Num(small)])).as_deref(), Some("[-0.005]"));
+    }
+
+    #[test]
     fn damaged_jsonb_is_refused() {
         let doc = container(&J::Obj(vec![("k", J::Str("value"))]), true);
         for len in 0..doc.len() {
             let mut out = String::new();
             assert!(write_jsonb(&doc[..len], &mut out).is_none(), "prefix of {len} bytes");
         }
-        for i in 0..doc.len() {
-            for v in [0u8, 0x7f, 0xff] {
-                let mut d = doc.clone();
-                d[i] = v;
-                let mut out = String::new();
-                let _ = write_jsonb(&d, &mut out);
+        // Altered or random bytes: text that is JSON, or nothing; never a panic.
+        let valid = |bytes: &[u8]| {
+            let mut out = String::new();
+            if write_jsonb(bytes, &mut out).is_some() {
+                assert!(
+                    serde_json::from_str::<Box<serde_json::value::RawValue>>(&out).is_ok(),
+                    "{out:?}"
+                );
             }
+        };
+        let nested = container(
+            &J::Obj(vec![(
+                "a",
+                J::Arr(vec![J::Num(short_numeric(false, 0, 1, &[7, 5000])), J::Null]),
+            )]),
+            true,
+        );
+        for doc in [&doc, &nested] {
+            for i in 0..doc.len() {
+                for v in [0u8, 0x01, 0x10, 0x50, 0x7f, 0x80, 0xc0, 0xff] {
+                    let mut d = doc.clone();
+                    d[i] = v;
+                    valid(&d);
+                }
+            }
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let mut bytes = nested.clone();
+            for _ in 0..3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = (seed % bytes.len() as u64) as usize;
+                bytes[at] = (seed >> 32) as u8;
+            }
+            valid(&bytes);
         }
     }
 }

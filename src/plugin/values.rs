@@ -179,12 +179,16 @@ unsafe fn scalar_value<'a>(kind: Kind, datum: pg_sys::Datum, out: &pg_sys::FmgrI
             // SAFETY: forwarded from the caller.
             None => Scalar::Numeric(unsafe { output_text(out, datum, utf8) }),
         },
+        // jsonb's strings are stored in the database encoding: read as UTF-8
+        // only where that is the encoding (LATIN1 bytes can look like UTF-8).
         // SAFETY: forwarded from the caller.
-        Kind::Jsonb => match unsafe { stored_text(datum, pgtext::write_jsonb) } {
+        Kind::Jsonb if utf8 => match unsafe { stored_text(datum, pgtext::write_jsonb) } {
             Some(text) => Scalar::Json(Cow::Owned(text)),
             // SAFETY: forwarded from the caller.
             None => Scalar::Json(unsafe { output_text(out, datum, utf8) }),
         },
+        // SAFETY: forwarded from the caller.
+        Kind::Jsonb => Scalar::Json(unsafe { output_text(out, datum, utf8) }),
         // SAFETY: json's stored text is what its output function returns.
         Kind::Json if utf8 => Scalar::Json(unsafe { varlena_text(datum) }),
         // SAFETY: forwarded from the caller.

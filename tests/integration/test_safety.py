@@ -314,6 +314,25 @@ def test_text_that_is_not_utf8_in_a_sql_ascii_database():
         cluster.stop()
 
 
+def test_jsonb_and_text_in_a_latin1_database():
+    """jsonb's strings are stored in the database encoding; the plugin reads jsonb itself only in UTF-8
+    databases (LATIN1's "\xc3\xa9" is two characters that look like UTF-8's one)."""
+    cluster = ExtraCluster("test-cluster-latin1", extra_port("latin1"), "", encoding="LATIN1")
+    try:
+        with cluster.connect() as c:
+            c.execute("SET client_encoding = 'UTF8'")
+            c.execute("CREATE TABLE t (id int PRIMARY KEY, v text, j jsonb)")
+            c.execute("SELECT pg_create_logical_replication_slot('latin1', 'pg_changerelay')")
+            c.execute("""INSERT INTO t VALUES (1, 'Ã© é', jsonb_build_object('k', 'Ã©', 'n', 1.50))""")
+            # The plugin writes UTF-8 whatever the database encoding: read its bytes, not LATIN1 text.
+            (data,) = [json.loads(bytes(d).decode()) for (d,) in c.execute(
+                "SELECT data FROM pg_logical_slot_get_binary_changes('latin1', NULL, NULL)").fetchall()
+                if json.loads(bytes(d).decode())["type"] == "insert"]
+            assert data["new"]["v"] == "Ã© é" and data["new"]["j"] == {"k": "Ã©", "n": 1.50}, data
+    finally:
+        cluster.stop()
+
+
 def test_ddl_on_a_tracked_table_interleaved_with_endpoint_and_sql_reads(db):
     """Each DDL is a catalog-changing transaction the worker decodes; the worker's own queries (answering the
     endpoint) and SQL readers then see the new shape."""

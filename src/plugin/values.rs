@@ -210,14 +210,8 @@ unsafe fn stored_text(datum: pg_sys::Datum, write: fn(&[u8], &mut String) -> Opt
     if cfg!(target_endian = "big") {
         return None;
     }
-    // SAFETY: detoasting a valid varlena yields a plain one (the datum
-    // itself, or a copy in the per-change context) whose header gives the
-    // length of its data.
-    let bytes: &[u8] = unsafe {
-        let v = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
-        let len = pgrx::varlena::varsize_any_exhdr(v);
-        std::slice::from_raw_parts(pgrx::varlena::vardata_any(v).cast::<u8>(), len)
-    };
+    // SAFETY: forwarded from the caller; the bytes are not kept past this call.
+    let bytes = unsafe { varlena_bytes(datum) };
     let mut text = String::with_capacity(bytes.len() * 2 + 8);
     write(bytes, &mut text).map(|()| text)
 }
@@ -268,17 +262,26 @@ unsafe fn array_value<'a>(datum: pg_sys::Datum, elem: &ElemInfo, utf8: bool) -> 
 /// # Safety
 /// `datum` must be a non-null value of such a type, alive for `'a`.
 unsafe fn varlena_text<'a>(datum: pg_sys::Datum) -> Cow<'a, str> {
-    // SAFETY: detoasting a valid varlena yields a varlena (the datum itself
-    // when it is plain, or a copy in the current per-change context) whose
-    // header gives the length of its data.
-    let bytes: &'a [u8] = unsafe {
-        let v = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
-        let len = pgrx::varlena::varsize_any_exhdr(v);
-        std::slice::from_raw_parts(pgrx::varlena::vardata_any(v).cast::<u8>(), len)
-    };
+    // SAFETY: forwarded from the caller.
+    let bytes = unsafe { varlena_bytes(datum) };
     match std::str::from_utf8(bytes) {
         Ok(s) => Cow::Borrowed(s),
         Err(_) => Cow::Owned(String::from_utf8_lossy(bytes).into_owned()),
+    }
+}
+
+/// The data of a non-null varlena, detoasted.
+///
+/// # Safety
+/// `datum` must be a non-null varlena, alive for `'a`.
+unsafe fn varlena_bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: detoasting a valid varlena yields a varlena (the datum itself
+    // when it is plain, or a copy in the current per-change context) whose
+    // header gives the length of its data.
+    unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(v);
+        std::slice::from_raw_parts(pgrx::varlena::vardata_any(v).cast::<u8>(), len)
     }
 }
 

@@ -5,7 +5,6 @@
 use crate::event::{Event, TxnHeader};
 use crate::history::HistoryRow;
 use crate::images;
-use crate::pack;
 use crate::time::unix_us_to_ms;
 use crate::versions::Version;
 use std::collections::{BTreeMap, BTreeSet};
@@ -346,47 +345,9 @@ impl Unsaved {
     }
 
     /// The row versions, packed for entries of the version log of at most
-    /// `per_entry` rows each (see `crate::pack`), as (rows, bytes): per row,
-    /// the label, the identifier (both length prefixed), the version and its
-    /// time (zigzag). Rows come in key order, so the labels repeat and
-    /// compress away.
+    /// `per_entry` rows each, as (rows, bytes) (see `crate::version_log`).
     pub fn pack_rows(&self, per_entry: usize) -> Vec<(usize, Vec<u8>)> {
-        let per_entry = per_entry.max(1);
-        let mut out = Vec::with_capacity(self.rows.len().div_ceil(per_entry));
-        let mut raw = Vec::with_capacity(self.rows.len().min(per_entry) * 24);
-        let mut n = 0;
-        for ((label, id), v) in &self.rows {
-            pack::put_bytes(&mut raw, label.as_bytes());
-            pack::put_bytes(&mut raw, id.as_bytes());
-            pack::put_varint(&mut raw, v.v);
-            pack::put_varint(&mut raw, pack::zigzag(v.ts));
-            n += 1;
-            if n == per_entry {
-                out.push((n, pack::pack(&raw)));
-                raw.clear();
-                n = 0;
-            }
-        }
-        if n > 0 {
-            out.push((n, pack::pack(&raw)));
-        }
-        out
-    }
-
-    /// The row versions of a version log entry, in the order packed.
-    pub fn unpack_rows(bytes: &[u8]) -> Result<Vec<RowVersion>, String> {
-        let raw = pack::unpack(bytes).map_err(|e| format!("a damaged version log entry: {e}"))?;
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        let mut out = Vec::new();
-        let mut at = 0usize;
-        while at < raw.len() {
-            let label = text(pack::get_bytes(&raw, &mut at)?);
-            let id = text(pack::get_bytes(&raw, &mut at)?);
-            let v = pack::get_varint(&raw, &mut at)?;
-            let ts = pack::unzigzag(pack::get_varint(&raw, &mut at)?);
-            out.push(((label, id), Version { v, ts }));
-        }
-        Ok(out)
+        crate::version_log::pack_entries(self.rows.iter().map(|(k, v)| (k, *v)), per_entry)
     }
 
     /// Entries held (what a checkpoint will write).
@@ -671,42 +632,6 @@ mod tests {
         assert_eq!(s.floors["b"], v(7));
         assert_eq!(s.len(), 3);
         assert!(!s.is_empty() && Unsaved::default().is_empty());
-    }
-
-    #[test]
-    fn row_versions_pack_for_the_version_log() {
-        let mut s = Unsaved::default();
-        for i in 0..1000u64 {
-            s.rows.insert(
-                ("pgbench_accounts".into(), i.to_string()),
-                Version {
-                    v: 90_000_000 + i,
-                    ts: 1_764_000_000_000 + i as i64,
-                },
-            );
-        }
-        let entries = s.pack_rows(1000);
-        assert_eq!(entries.len(), 1);
-        let (n, packed) = &entries[0];
-        assert_eq!(*n, 1000);
-        assert!(packed.len() < 1000 * 16, "about a dozen bytes a row: {}", packed.len());
-        let rows = Unsaved::unpack_rows(packed).unwrap_or_default();
-        assert_eq!(rows, s.rows.clone().into_iter().collect::<Vec<_>>());
-        assert!(Unsaved::unpack_rows(&packed[..packed.len() - 2]).is_err());
-        // Split into entries of at most 300 rows: 300, 300, 300, 100, in order.
-        let split = s.pack_rows(300);
-        assert_eq!(
-            split.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-            vec![300, 300, 300, 100]
-        );
-        let mut again = Vec::new();
-        for (n, bytes) in &split {
-            let part = Unsaved::unpack_rows(bytes).unwrap_or_default();
-            assert_eq!(part.len(), *n);
-            again.extend(part);
-        }
-        assert_eq!(again, rows);
-        assert!(Unsaved::default().pack_rows(300).is_empty());
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod tables;
 pub mod thread;
 pub mod time;
 pub mod timeline;
+pub mod version_log;
 pub mod versions;
 
 pub use event::{Change, Column, Commit, Event, Message, Op, Row, Scalar, Tracking, TxnHeader, Value};

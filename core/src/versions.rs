@@ -25,6 +25,11 @@ const HIGH_WATER_EIGHTHS: usize = 7;
 /// ...down to this (numerator over 8).
 const LOW_WATER_EIGHTHS: usize = 6;
 
+/// The most rows a map of `slots` entries holds: one more and it evicts.
+pub fn most_held(slots: usize) -> usize {
+    slots * HIGH_WATER_EIGHTHS / 8
+}
+
 /// Label syntax: `[A-Za-z0-9_.:-]{1,64}`.
 pub fn valid_label(label: &str) -> bool {
     (1..=LABEL_MAX).contains(&label.len())

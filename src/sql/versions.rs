@@ -64,6 +64,29 @@ fn persisted(label: &str, ident: Option<&str>) -> (Option<Version>, Version, Vec
 }
 
 fn persisted_as_written(label: &str, ident: Option<&str>) -> (Option<Version>, Version, Vec<(String, Version)>) {
+    // Rows before the label's floor: a compaction of the version log that
+    // commits in between drops rows and raises their floor in one
+    // transaction, and the floor read after it covers the rows it dropped.
+    let rows = Spi::connect(|c| {
+        let t = c.select(
+            "SELECT identifier, v, ts FROM changerelay.row_versions
+              WHERE label = $1 AND ($2::text IS NULL OR identifier = $2) ORDER BY identifier",
+            None,
+            &[label.into(), ident.into()],
+        )?;
+        t.map(|r| {
+            Ok::<_, pgrx::spi::Error>((
+                r.get::<String>(1)?.unwrap_or_default(),
+                Version {
+                    v: r.get::<i64>(2)?.unwrap_or(0) as u64,
+                    ts: r.get::<i64>(3)?.unwrap_or(0),
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_default();
+    let rows = with_logged(label, ident, rows);
     let head = Spi::connect(|c| {
         let t = c.select(
             "SELECT v, ts, floor_v, floor_ts FROM changerelay.label_versions WHERE label = $1",
@@ -88,26 +111,6 @@ fn persisted_as_written(label: &str, ident: Option<&str>) -> (Option<Version>, V
     })
     .ok()
     .flatten();
-    let rows = Spi::connect(|c| {
-        let t = c.select(
-            "SELECT identifier, v, ts FROM changerelay.row_versions
-              WHERE label = $1 AND ($2::text IS NULL OR identifier = $2) ORDER BY identifier",
-            None,
-            &[label.into(), ident.into()],
-        )?;
-        t.map(|r| {
-            Ok::<_, pgrx::spi::Error>((
-                r.get::<String>(1)?.unwrap_or_default(),
-                Version {
-                    v: r.get::<i64>(2)?.unwrap_or(0) as u64,
-                    ts: r.get::<i64>(3)?.unwrap_or(0),
-                },
-            ))
-        })
-        .collect::<Result<Vec<_>, _>>()
-    })
-    .unwrap_or_default();
-    let rows = with_logged(label, ident, rows);
     match head {
         Some((all, floor)) => (Some(all), floor, rows),
         None => (None, Version::default(), rows),
@@ -115,8 +118,9 @@ fn persisted_as_written(label: &str, ident: Option<&str>) -> (Option<Version>, V
 }
 
 /// `rows` of `label` (only `ident`'s, when given) with the newer versions
-/// of the version log merged in, in identifier order. The log holds the
-/// checkpoints not yet folded into `row_versions`.
+/// of the version log merged in, in identifier order (the log holds the
+/// row versions written at checkpoints, compacted now and then; see
+/// `worker::checkpoint`).
 fn with_logged(label: &str, ident: Option<&str>, rows: Vec<(String, Version)>) -> Vec<(String, Version)> {
     let entries = crate::sql::select_all("SELECT entries FROM changerelay.version_log ORDER BY id", &[], |r| {
         r.get::<Vec<u8>>(1).map(Option::unwrap_or_default)
@@ -127,7 +131,7 @@ fn with_logged(label: &str, ident: Option<&str>, rows: Vec<(String, Version)>) -
     }
     let mut merged: std::collections::BTreeMap<String, Version> = rows.into_iter().collect();
     for entry in entries {
-        for ((l, id), v) in changerelay_core::apply::Unsaved::unpack_rows(&entry).unwrap_or_default() {
+        for ((l, id), v) in changerelay_core::version_log::unpack_entry(&entry).unwrap_or_default() {
             if l == label && ident.is_none_or(|i| i == id) {
                 let slot = merged.entry(id).or_default();
                 *slot = slot.max(v);

@@ -1,36 +1,38 @@
 //! Version checkpoints: writing the versions the worker holds
-//! ([`Unsaved`]) into the version tables.
+//! ([`Unsaved`]) into the version tables, and compacting the version log.
 //!
 //! Label versions and floors are upserted into `label_versions` (a few rows).
-//! Row versions, the many, go as packed entries into `version_log`
-//! (about a dozen bytes a row, `Unsaved::pack_rows`; at most
-//! [`FOLD_STEP_ROWS`] rows an entry). While the log holds
-//! more than [`FOLD_ABOVE_ROWS`] rows or [`FOLD_ABOVE_ENTRIES`] entries, its
-//! oldest entries are folded into `row_versions` a step at a time
-//! ([`fold_oldest`], about [`FOLD_STEP_ROWS`] rows a step, each row once
-//! however often those entries logged it) and deleted: a step is one short
-//! transaction of its own, never part of a batch, so publishing never waits
-//! for a whole log. Rows with identifiers longer than shared memory keeps
+//! Row versions, the many, go as packed entries into `version_log` (about a
+//! dozen bytes a row, at most [`ENTRY_ROWS`] rows an entry; see
+//! `changerelay_core::version_log`). Once the log has grown by more than
+//! [`COMPACT_ABOVE_ROWS`] rows (or as many as its last compaction left) or
+//! [`COMPACT_ABOVE_ENTRIES`] entries, it is compacted ([`compact`]): each row
+//! once, with its newest version, at most as many rows as shared memory holds
+//! (7/8 of `changerelay.max_tracked_rows`; older rows are dropped into their
+//! label's floor, as the map does when it evicts them), written as new entries that
+//! replace the old ones, in a short transaction of its own between batches.
+//! A row version is so written about once more, packed, instead of once more
+//! as a row of its own. Rows with identifiers longer than shared memory keeps
 //! whole are upserted into `row_versions` at once instead (readers list them
-//! by name from there). Every write only moves versions forward, and readers
-//! take the newest of `row_versions` and the log, so folding the oldest
-//! entries first is invisible to them.
+//! by name from there; `row_versions` also holds what 0.1.0 wrote). Every
+//! write only moves versions forward, and readers take the newest of
+//! `row_versions`, the log and the label's floor (read after the rows), so a
+//! compaction is invisible to them.
 
 use super::persist::Statements;
 use changerelay_core::apply::Unsaved;
+use changerelay_core::version_log;
 use changerelay_core::versions::Version;
 use pgrx::prelude::*;
-use std::collections::BTreeMap;
 
-/// Rows the log may hold before its oldest entries are folded...
-const FOLD_ABOVE_ROWS: i64 = 300_000;
+/// Rows the log may grow by before it is compacted (at least; as many as
+/// its last compaction left, so a compaction costs about one more write of
+/// each row logged)...
+const COMPACT_ABOVE_ROWS: i64 = 300_000;
 /// ...and entries (checkpoints: about an hour of them at one per 10 s).
-const FOLD_ABOVE_ENTRIES: i64 = 360;
-/// Rows of the oldest entries one fold step takes (whole entries, at least
-/// one), and most rows of an entry: a step is about 0.1 s of upserts here,
-/// and at one a second far more than pgbench's TPC-B-like load logs, so the
-/// log stays bounded.
-const FOLD_STEP_ROWS: i64 = 20_000;
+const COMPACT_ABOVE_ENTRIES: i64 = 360;
+/// Most rows of an entry.
+const ENTRY_ROWS: usize = 20_000;
 
 /// What the version log holds (read once, then kept by the worker).
 #[derive(Debug, Clone, Copy, Default)]
@@ -38,12 +40,16 @@ pub struct VersionLog {
     next_id: i64,
     entries: i64,
     rows: i64,
+    /// What the worker's last compaction left (none yet: zero).
+    compacted_entries: i64,
+    compacted_rows: i64,
 }
 
 impl VersionLog {
-    /// Whether its oldest entries are to be folded ([`fold_oldest`]).
-    pub fn needs_fold(&self) -> bool {
-        self.rows > FOLD_ABOVE_ROWS || self.entries > FOLD_ABOVE_ENTRIES
+    /// Whether it is to be compacted ([`compact`]).
+    pub fn needs_compaction(&self) -> bool {
+        self.rows - self.compacted_rows > COMPACT_ABOVE_ROWS.max(self.compacted_rows)
+            || self.entries - self.compacted_entries > COMPACT_ABOVE_ENTRIES
     }
 
     /// Reads the log's size (inside a transaction).
@@ -60,9 +66,36 @@ impl VersionLog {
                 next_id: n(1)? + 1,
                 entries: n(2)?,
                 rows: n(3)?,
+                ..VersionLog::default()
             })
         })
         .map_err(|e| e.to_string())
+    }
+
+    /// Appends packed entries (inside the caller's transaction); returns the
+    /// log as it is then.
+    fn append(mut self, st: &Statements, entries: Vec<(usize, Vec<u8>)>) -> Result<VersionLog, String> {
+        for (rows, entry) in entries {
+            Spi::connect_mut(|c| {
+                c.update(
+                    &st.log,
+                    None,
+                    &[self.next_id.into(), (rows as i32).into(), entry.into()],
+                )
+                .map(|_| ())
+            })
+            .map_err(|e| e.to_string())?;
+            self.next_id += 1;
+            self.entries += 1;
+            self.rows += rows as i64;
+        }
+        Ok(self)
+    }
+}
+
+impl std::fmt::Display for VersionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} rows in {} entries", self.rows, self.entries)
     }
 }
 
@@ -81,62 +114,40 @@ pub enum Saved {
 /// caller's transaction).
 pub fn write(st: &Statements, u: &Unsaved, log: VersionLog) -> Result<Saved, String> {
     upsert_labels(st, u)?;
-    let mut log = log;
-    for (rows, entry) in u.pack_rows(FOLD_STEP_ROWS as usize) {
-        Spi::connect_mut(|c| {
-            c.update(&st.log, None, &[log.next_id.into(), (rows as i32).into(), entry.into()])
-                .map(|_| ())
-        })
-        .map_err(|e| e.to_string())?;
-        log = VersionLog {
-            next_id: log.next_id + 1,
-            entries: log.entries + 1,
-            rows: log.rows + rows as i64,
-        };
-    }
+    let log = log.append(st, u.pack_rows(ENTRY_ROWS))?;
     Spi::connect_mut(|c| c.update(&st.exact, None, &[true.into()]).map(|_| ())).map_err(|e| e.to_string())?;
     Ok(Saved::Checkpoint(log))
 }
 
-/// Folds the log's oldest entries, about [`FOLD_STEP_ROWS`] rows of them,
-/// into `row_versions` and deletes them (inside the caller's transaction).
-/// Returns the log as it is then.
-pub fn fold_oldest(st: &Statements, log: VersionLog) -> Result<VersionLog, String> {
-    // The entries' sizes first (a few bytes each), then only the chosen ones.
-    let sizes = crate::sql::select_all("SELECT id, rows FROM changerelay.version_log ORDER BY id", &[], |r| {
-        Ok((r.get::<i64>(1)?.unwrap_or(0), i64::from(r.get::<i32>(2)?.unwrap_or(0))))
-    })
-    .map_err(|e| e.to_string())?;
-    let (mut upto, mut taken, mut entries) = (None, 0i64, 0i64);
-    for (id, rows) in &sizes {
-        if taken >= FOLD_STEP_ROWS {
-            break;
-        }
-        upto = Some(*id);
-        taken += rows;
-        entries += 1;
-    }
-    let Some(upto) = upto else {
-        return Ok(VersionLog {
-            next_id: log.next_id,
-            entries: 0,
-            rows: 0,
-        });
-    };
-    let mut merged: BTreeMap<(String, String), Version> = BTreeMap::new();
-    let chosen = crate::sql::select_all(
-        "SELECT entries FROM changerelay.version_log WHERE id <= $1 ORDER BY id",
-        &[upto.into()],
-        |r| r.get::<Vec<u8>>(1).map(Option::unwrap_or_default),
+/// Replaces the whole log by its compaction, keeping at most `keep` rows
+/// (inside the caller's transaction). Returns the log as it is then.
+pub fn compact(st: &Statements, log: VersionLog, keep: usize) -> Result<VersionLog, String> {
+    let entries = crate::sql::select_all(
+        "SELECT id, entries FROM changerelay.version_log ORDER BY id",
+        &[],
+        |r| Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<Vec<u8>>(2)?.unwrap_or_default())),
     )
     .map_err(|e| e.to_string())?;
-    for entry in chosen {
-        for (key, v) in Unsaved::unpack_rows(&entry)? {
-            let slot = merged.entry(key).or_default();
-            *slot = slot.max(v);
-        }
+    let Some(upto) = entries.last().map(|(id, _)| *id) else {
+        return Ok(VersionLog {
+            next_id: log.next_id,
+            ..VersionLog::default()
+        });
+    };
+    let mut rows = Vec::new();
+    for (_, entry) in &entries {
+        rows.extend(version_log::unpack_entry(entry)?);
     }
-    upsert_rows(st, merged.iter().map(|(k, v)| (k, *v)))?;
+    drop(entries);
+    let compacted = version_log::compact(rows, keep);
+    // The dropped rows' floors, in the same transaction as the entries
+    // that no longer hold them.
+    let floors = Unsaved {
+        labels: compacted.floors.clone(),
+        floors: compacted.floors,
+        ..Unsaved::default()
+    };
+    upsert_labels(st, &floors)?;
     Spi::connect_mut(|c| {
         c.update(
             "DELETE FROM changerelay.version_log WHERE id <= $1",
@@ -146,10 +157,16 @@ pub fn fold_oldest(st: &Statements, log: VersionLog) -> Result<VersionLog, Strin
         .map(|_| ())
     })
     .map_err(|e| e.to_string())?;
+    let packed = version_log::pack_entries(compacted.rows.iter().map(|(k, v)| (k, *v)), ENTRY_ROWS);
+    let empty = VersionLog {
+        next_id: log.next_id.max(upto + 1),
+        ..VersionLog::default()
+    };
+    let after = empty.append(st, packed)?;
     Ok(VersionLog {
-        next_id: log.next_id,
-        entries: (sizes.len() as i64 - entries).max(0),
-        rows: sizes.iter().map(|(_, r)| r).sum::<i64>() - taken,
+        compacted_entries: after.entries,
+        compacted_rows: after.rows,
+        ..after
     })
 }
 

@@ -290,8 +290,8 @@ impl Relay {
             self.hold_start();
             self.maybe_prune();
             self.maybe_analyze();
-            if let Err(e) = self.persister.fold_if_due() {
-                warning!("pg_changerelay relay: could not fold the version log: {e}");
+            if let Err(e) = self.persister.compact_if_due() {
+                warning!("pg_changerelay relay: could not compact the version log: {e}");
             }
         }
         let Some(decoder) = self.decoder.as_mut() else {
@@ -837,7 +837,7 @@ fn load_versions() {
         let logged = checkpoint::read_log().and_then(|entries| {
             let mut out = Vec::new();
             for e in entries {
-                out.extend(changerelay_core::apply::Unsaved::unpack_rows(&e)?);
+                out.extend(changerelay_core::version_log::unpack_entry(&e)?);
             }
             Ok(out)
         });

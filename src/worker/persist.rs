@@ -144,8 +144,9 @@ pub struct Fresh {
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// ...and most versions held unsaved before one.
 const CHECKPOINT_ENTRIES: usize = 100_000;
-/// Shortest time between two steps of folding the version log.
-const FOLD_EVERY: Duration = Duration::from_secs(1);
+/// Shortest time between two compactions of the version log (one that
+/// fails is not retried at every step).
+const COMPACT_EVERY: Duration = Duration::from_secs(10);
 
 /// Writes batches. History goes out with every batch; versions are held
 /// ([`Unsaved`]) and written at version checkpoints: every
@@ -166,7 +167,7 @@ pub struct Persister {
     /// The version log, once read.
     log: Option<VersionLog>,
     last_checkpoint: Instant,
-    last_fold: Option<Instant>,
+    last_compaction: Option<Instant>,
 }
 
 impl Default for Persister {
@@ -178,7 +179,7 @@ impl Default for Persister {
             exact: None,
             log: None,
             last_checkpoint: Instant::now(),
-            last_fold: None,
+            last_compaction: None,
         }
     }
 }
@@ -245,18 +246,25 @@ impl Persister {
         done
     }
 
-    /// One step of folding the version log into `row_versions` once it has
-    /// grown past its bound (see [`checkpoint`]), in a transaction of its
-    /// own, at most every [`FOLD_EVERY`].
-    pub fn fold_if_due(&mut self) -> Result<(), String> {
+    /// Compacts the version log once it has grown enough (see
+    /// [`checkpoint`]), in a transaction of its own, at most every
+    /// [`COMPACT_EVERY`].
+    pub fn compact_if_due(&mut self) -> Result<(), String> {
         let Some(log) = self.log else { return Ok(()) };
-        if !log.needs_fold() || self.last_fold.is_some_and(|t| t.elapsed() < FOLD_EVERY) {
+        if !log.needs_compaction() || self.last_compaction.is_some_and(|t| t.elapsed() < COMPACT_EVERY) {
             return Ok(());
         }
-        self.last_fold = Some(Instant::now());
+        self.last_compaction = Some(Instant::now());
+        // As many rows as shared memory holds: loading more would only evict them.
+        let keep = changerelay_core::versions::most_held(crate::gucs::max_tracked_rows());
         let statements = &mut self.statements;
-        let folded = try_transaction(|| checkpoint::fold_oldest(prepared(statements)?, log))?;
-        self.log = Some(folded);
+        let started = Instant::now();
+        let compacted = try_transaction(|| checkpoint::compact(prepared(statements)?, log, keep))?;
+        debug1!(
+            "pg_changerelay relay: compacted the version log from {log} into {compacted} in {} ms",
+            started.elapsed().as_millis()
+        );
+        self.log = Some(compacted);
         Ok(())
     }
 

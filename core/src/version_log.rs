@@ -18,7 +18,7 @@
 use crate::apply::RowVersion;
 use crate::pack;
 use crate::versions::Version;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Packs rows (in the order given; key order packs best) into entries of at
 /// most `per_entry` rows each, as (rows, bytes).
@@ -74,25 +74,46 @@ pub struct Compacted {
 }
 
 /// Each row once, with its newest version; at most `keep` rows (the newest
-/// by version, ties by key), the others dropped into their label's floor.
+/// by version; of rows with the same version, the first by key), the others
+/// dropped into their label's floor.
 pub fn compact(rows: impl IntoIterator<Item = RowVersion>, keep: usize) -> Compacted {
-    let mut newest: HashMap<(String, String), Version> = HashMap::new();
-    for (key, v) in rows {
-        let slot = newest.entry(key).or_default();
-        *slot = slot.max(v);
-    }
-    let mut all: Vec<RowVersion> = newest.into_iter().collect();
+    let mut all: Vec<RowVersion> = rows.into_iter().collect();
+    // Entries are sorted runs, which a stable sort merges.
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 = kept.1.max(later.1);
+        }
+        same
+    });
     let mut floors = BTreeMap::new();
-    if all.len() > keep {
-        // Newest first; what is past `keep` is dropped.
-        all.sort_unstable_by(|a, b| b.1.v.cmp(&a.1.v).then_with(|| a.0.cmp(&b.0)));
-        for ((label, _), v) in all.drain(keep..) {
-            let floor: &mut Version = floors.entry(label).or_default();
+    if all.len() <= keep {
+        return Compacted { rows: all, floors };
+    }
+    // The oldest version kept, and how many rows of that version are kept.
+    let (cutoff, mut at_cutoff) = if keep == 0 {
+        (u64::MAX, 0)
+    } else {
+        let mut vs: Vec<u64> = all.iter().map(|(_, v)| v.v).collect();
+        let drop = all.len() - keep;
+        let (_, &mut cutoff, newer) = vs.select_nth_unstable(drop);
+        (cutoff, keep - newer.iter().filter(|&&v| v > cutoff).count())
+    };
+    let mut kept = Vec::with_capacity(keep);
+    for (key, v) in all {
+        let stays = v.v > cutoff || (v.v == cutoff && at_cutoff > 0);
+        if stays {
+            if v.v == cutoff {
+                at_cutoff -= 1;
+            }
+            kept.push((key, v));
+        } else {
+            let floor: &mut Version = floors.entry(key.0).or_default();
             *floor = floor.max(v);
         }
     }
-    all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    Compacted { rows: all, floors }
+    Compacted { rows: kept, floors }
 }
 
 #[cfg(test)]
@@ -176,6 +197,13 @@ mod tests {
             c.floors,
             BTreeMap::from([("a".to_string(), v(1)), ("b".to_string(), v(4))])
         );
+        // Rows of one transaction share its version: the first by key stay.
+        let ties = compact(
+            vec![row("a", "3", 5), row("a", "1", 5), row("a", "2", 5), row("a", "0", 9)],
+            3,
+        );
+        assert_eq!(ties.rows, vec![row("a", "0", 9), row("a", "1", 5), row("a", "2", 5)]);
+        assert_eq!(ties.floors, BTreeMap::from([("a".to_string(), v(5))]));
         let none = compact(vec![row("a", "1", 1), row("a", "2", 2)], 0);
         assert!(none.rows.is_empty());
         assert_eq!(none.floors, BTreeMap::from([("a".to_string(), v(2))]));
@@ -203,7 +231,8 @@ mod tests {
                 .collect();
             let keep = (next() % 25) as usize;
             let c = compact(input.clone(), keep);
-            assert!(c.rows.len() <= keep);
+            let distinct: std::collections::BTreeSet<_> = input.iter().map(|(k, _)| k.clone()).collect();
+            assert_eq!(c.rows.len(), keep.min(distinct.len()));
             assert!(c.rows.windows(2).all(|w| w[0].0 < w[1].0), "key order, each row once");
             for ((label, id), was) in &input {
                 let kept = c.rows.iter().find(|(k, _)| k.0 == *label && k.1 == *id);

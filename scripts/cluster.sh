@@ -115,8 +115,17 @@ case "$cmd" in
     fi
     ;;
   stop)
+    # A fast shutdown that does not finish in STOP_TIMEOUT seconds is a
+    # failure (exit 1), but the server is stopped all the same (immediate),
+    # so that nothing is left holding the port and the directory.
     if [ -f "$dir/postmaster.pid" ]; then
-      as_pg "$PGBIN/pg_ctl" -D "$dir" -m fast -w -t 60 stop >/dev/null || true
+      if ! as_pg "$PGBIN/pg_ctl" -D "$dir" -m fast -w -t "${STOP_TIMEOUT:-60}" stop >/dev/null; then
+        if as_pg "$PGBIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+          echo "cluster in $dir: a fast shutdown did not finish in ${STOP_TIMEOUT:-60} s; stopping it immediately" >&2
+          as_pg "$PGBIN/pg_ctl" -D "$dir" -m immediate -w stop >/dev/null || true
+          exit 1
+        fi
+      fi
     fi
     ;;
   restart-immediate)

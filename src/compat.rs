@@ -213,11 +213,20 @@ unsafe extern "C-unwind" fn on_sighup(_signo: std::ffi::c_int) {
     }
 }
 
+/// SIGTERM: the worker's own loops see `sigterm_received`; `ProcDiePending`
+/// (without `InterruptPending`, so no `CHECK_FOR_INTERRUPTS` turns it into
+/// a FATAL) is for the waits inside PostgreSQL that only a backend's die()
+/// ends. The one the worker meets is a commit waiting for a synchronous
+/// standby (`SyncRepWaitForLSN`): with the standby gone it waited forever
+/// and held up a fast shutdown until pg_ctl gave up. Seeing the flag, that
+/// wait ends as a client backend's does (a WARNING: committed locally, not
+/// yet replicated), which the publish gate already allows for.
 unsafe extern "C-unwind" fn on_sigterm(_signo: std::ffi::c_int) {
     GOT_SIGTERM.store(true, Ordering::SeqCst);
     // SAFETY: as for on_sighup.
     unsafe {
         (&raw mut pg_sys::ShutdownRequestPending).write_volatile(1);
+        (&raw mut pg_sys::ProcDiePending).write_volatile(1);
         pg_sys::SetLatch(pg_sys::MyLatch);
     }
 }

@@ -33,7 +33,7 @@ INSTALL = shlex.split(os.environ.get("PGCR_INSTALL", "")) or \
 # cluster's, at their port + 1000), so that one base (PGCR_PORT) moves them all.
 PORT_OFFSETS = {"small": -2, "nopreload": -3, "faults": -4, "owner": -5, "sqlascii": -6, "upgrade": -7,
                 "foreign": -8, "endpoint": -9, "tls": -12, "ha_primary": -13, "ha_standby": -14, "ha_slot": -15,
-                "fold": -16, "latin1": -17}
+                "fold": -16, "latin1": -17, "syncgone": -18}
 
 
 def extra_port(name):

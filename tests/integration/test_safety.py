@@ -13,7 +13,7 @@ import pytest
 
 from conftest import DATA, INSTALL, PORT, connect, extra_port
 from test_endpoint import http
-from test_relay import ROOT, ExtraCluster, version, wait_until
+from test_relay import CLUSTER, ROOT, ExtraCluster, version, wait_until
 
 
 def fresh(db, ddl="id int PRIMARY KEY, doc json"):
@@ -496,3 +496,32 @@ def test_installing_under_a_running_server_leaves_it_running(db):
         assert c.execute("SELECT 1").fetchone() == (1,)
     assert worker_pid(db) == pid, "the worker kept running"
     still_relaying(db)
+
+
+def test_a_fast_shutdown_is_not_held_up_by_a_synchronous_standby_that_is_gone():
+    """synchronous_standby_names names a standby that never connects, so the worker's commits wait for it, as
+    every backend's do. A fast shutdown ends that wait for the worker as for a client backend (PostgreSQL's
+    WARNING: committed locally, maybe not replicated) and the server stops in seconds; before, the worker waited
+    on and pg_ctl gave up after a minute."""
+    cluster = ExtraCluster("test-cluster-syncgone", extra_port("syncgone"), "synchronous_standby_names = 'nobody'")
+    stopped = None
+    try:
+        with cluster.connect() as c:
+            c.execute("SET synchronous_commit = local")   # this session does not wait for the standby
+            c.execute("CREATE EXTENSION pg_changerelay")
+            c.execute("CREATE TABLE items (id int PRIMARY KEY)")
+            c.execute("SELECT changerelay.track('items', 'items')")
+            c.execute("INSERT INTO items VALUES (1)")
+            wait_until(lambda: c.execute("SELECT wait_event FROM pg_stat_activity "
+                                         "WHERE backend_type = 'pg_changerelay relay'").fetchone() == ("SyncRep",),
+                       timeout=30, what="the worker's commit waiting for the standby")
+        started = time.monotonic()
+        stopped = subprocess.run([CLUSTER, "stop", cluster.dir], env={**cluster.env, "STOP_TIMEOUT": "30"},
+                                 capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+        assert stopped.returncode == 0, f"no fast shutdown in {took:.0f} s: {stopped.stderr}"
+        log = cluster.log()
+        assert "canceling the wait for synchronous replication" in log, log[-3000:]
+        assert "PANIC" not in log
+    finally:
+        cluster.stop()

@@ -131,6 +131,10 @@ mod tests {
         ((label.into(), id.into()), v(n))
     }
 
+    fn rows(list: &[(&str, &str, u64)]) -> Vec<RowVersion> {
+        list.iter().map(|&(label, id, n)| row(label, id, n)).collect()
+    }
+
     #[test]
     fn entries_pack_a_dozen_bytes_a_row_and_unpack_as_packed() {
         let rows: BTreeMap<(String, String), Version> = (0..1000u64)
@@ -162,17 +166,15 @@ mod tests {
 
     #[test]
     fn a_compaction_keeps_each_rows_newest_version_in_key_order() {
-        let c = compact(
-            vec![
-                row("a", "2", 5),
-                row("a", "1", 9),
-                row("b", "1", 3),
-                row("a", "2", 4),
-                row("a", "1", 7),
-                row("a", "2", 8),
-            ],
-            10,
-        );
+        let input = rows(&[
+            ("a", "2", 5),
+            ("a", "1", 9),
+            ("b", "1", 3),
+            ("a", "2", 4),
+            ("a", "1", 7),
+            ("a", "2", 8),
+        ]);
+        let c = compact(input, 10);
         assert_eq!(c.rows, vec![row("a", "1", 9), row("a", "2", 8), row("b", "1", 3)]);
         assert!(c.floors.is_empty());
         assert_eq!(compact(Vec::new(), 10), Compacted::default());
@@ -180,17 +182,15 @@ mod tests {
 
     #[test]
     fn past_its_capacity_a_compaction_drops_the_oldest_rows_into_their_floors() {
-        let c = compact(
-            vec![
-                row("a", "1", 1),
-                row("a", "2", 6),
-                row("b", "1", 2),
-                row("b", "2", 3),
-                row("a", "3", 5),
-                row("b", "2", 4),
-            ],
-            2,
-        );
+        let input = rows(&[
+            ("a", "1", 1),
+            ("a", "2", 6),
+            ("b", "1", 2),
+            ("b", "2", 3),
+            ("a", "3", 5),
+            ("b", "2", 4),
+        ]);
+        let c = compact(input, 2);
         // Newest two: a/2 (6) and a/3 (5); dropped: a/1 (1), b/1 (2), b/2 (4).
         assert_eq!(c.rows, vec![row("a", "2", 6), row("a", "3", 5)]);
         assert_eq!(

@@ -27,7 +27,9 @@ const PINNED: &[(&str, &str)] = &[
     ("statement_timeout", "0"),
     ("lock_timeout", "0"),
     ("idle_in_transaction_session_timeout", "0"),
-    // Output functions the plugin calls in this process.
+    // Output functions the plugin calls in this process (the types it does
+    // not write itself: ranges of timestamptz, for one, follow TimeZone).
+    ("TimeZone", "UTC"),
     ("DateStyle", "ISO, MDY"),
     ("IntervalStyle", "postgres"),
     ("bytea_output", "hex"),

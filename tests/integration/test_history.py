@@ -482,3 +482,25 @@ def test_several_labels_merge_in_commit_order_page_by_page(db):
         assert [r[0] for r in got] == [r[0] for r in asked], f"page size {size}"
     assert [(r[1], r[2]) for r in asked] == sorted((r[1], r[2]) for r in asked)
     assert {r[9] for r in asked} == {la, lb}
+
+
+def test_history_text_does_not_follow_the_servers_time_zone(db):
+    """Values still written by their output function (a tstzrange here) are in UTC in the history, as
+    timestamptz is, whatever the server's TimeZone: the relay worker pins it. Before, a DBA's change of the
+    server's time zone changed the text of history written after it."""
+    table, label = fresh(db, "id int PRIMARY KEY, r tstzrange")
+    start = db.execute("SELECT changerelay.current_cursor()").fetchone()[0]
+    try:
+        db.execute("ALTER SYSTEM SET TimeZone = 'America/New_York'")
+        db.execute("SELECT pg_reload_conf()")
+        with connect() as other:
+            wait_until(lambda: other.execute("SELECT current_setting('TimeZone')").fetchone()[0] == "America/New_York",
+                       what="the new time zone in a new session")
+        db.execute(f"INSERT INTO {table} VALUES (1, NULL)")  # a turn of the worker's loop after the reload
+        caught_up(db, label, 1, start)
+        db.execute(f"INSERT INTO {table} VALUES (2, '[2026-01-01 12:00+00, 2026-01-02 12:00+00)')")
+        rows = caught_up(db, label, 2, start)
+        assert rows[1][6]["r"] == '["2026-01-01 12:00:00+00","2026-01-02 12:00:00+00")', rows[1][6]
+    finally:
+        db.execute("ALTER SYSTEM RESET TimeZone")
+        db.execute("SELECT pg_reload_conf()")

@@ -63,7 +63,7 @@ const PG_EPOCH_DAYS_FROM_UNIX: i64 = 10_957;
 
 /// The proleptic Gregorian date `days` after 1970-01-01: (year, month, day),
 /// year 0 being 1 BC (the days-to-civil algorithm of H. Hinnant).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097); // [0, 146096]

@@ -20,7 +20,8 @@ pub fn write_iso8601(unix_us: i64, out: &mut Vec<u8>) {
     let micros = unix_us.rem_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = crate::pgtext::civil_from_days(days);
+    let (m, d) = (i64::from(m), i64::from(d));
     let (hh, mm, ss) = (sod / 3600, (sod % 3600) / 60, sod % 60);
     push_padded(out, y, 4);
     out.push(b'-');
@@ -56,21 +57,6 @@ fn push_padded(out: &mut Vec<u8>, value: i64, width: usize) {
     out.extend_from_slice(digits.as_bytes());
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day)
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +81,7 @@ mod tests {
     #[test]
     fn every_day_round_trips_through_the_calendar() {
         // Walk 1900..2200 day by day and check the date only ever moves forward by one day.
+        let civil_from_days = crate::pgtext::civil_from_days;
         let mut prev = civil_from_days(-25_567);
         assert_eq!(prev, (1900, 1, 1));
         for day in -25_566..84_000 {

@@ -94,9 +94,51 @@ fn push_padded(out: &mut impl TextOut, value: u64, width: usize) {
     out.push_ascii(&buf[start..]);
 }
 
+/// "00" to "99": two ASCII digits for each number below 100.
+const TWO_DIGITS: [u8; 200] = {
+    let mut table = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        table[2 * i] = b'0' + (i / 10) as u8;
+        table[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    table
+};
+
+/// The two digits of `value` (below 100).
+fn two_digits(value: u32) -> [u8; 2] {
+    let i = (value % 100) as usize * 2;
+    [TWO_DIGITS[i], TWO_DIGITS[i + 1]]
+}
+
+thread_local! {
+    /// The last day written as `YYYY-MM-DD` (years 1 to 9999), by its day
+    /// number: the rows of a change stream often share their dates, and the
+    /// calendar arithmetic was most of a timestamp's cost.
+    static LAST_DAY: std::cell::Cell<Option<(i64, [u8; 10])>> = const { std::cell::Cell::new(None) };
+}
+
 /// `YYYY-MM-DD` (at least four year digits), and whether the year is BC.
 fn write_ymd(days_since_pg_epoch: i64, out: &mut impl TextOut) -> bool {
+    if let Some((day, text)) = LAST_DAY.get() {
+        if day == days_since_pg_epoch {
+            out.push_ascii(&text);
+            return false;
+        }
+    }
     let (year, month, day) = civil_from_days(days_since_pg_epoch + PG_EPOCH_DAYS_FROM_UNIX);
+    if (1..=9999).contains(&year) {
+        let year = year as u32;
+        let [c1, c2] = two_digits(year / 100);
+        let [y1, y2] = two_digits(year % 100);
+        let [m1, m2] = two_digits(month);
+        let [d1, d2] = two_digits(day);
+        let text = [c1, c2, y1, y2, b'-', m1, m2, b'-', d1, d2];
+        LAST_DAY.set(Some((days_since_pg_epoch, text)));
+        out.push_ascii(&text);
+        return false;
+    }
     let bc = year <= 0;
     let shown = if bc { 1 - year } else { year };
     push_padded(out, shown.unsigned_abs(), 4);
@@ -131,14 +173,12 @@ pub fn write_timestamp(us: i64, with_zone: bool, out: &mut impl TextOut) {
     let days = us.div_euclid(USECS_PER_DAY);
     let time = us.rem_euclid(USECS_PER_DAY);
     let bc = write_ymd(days, out);
-    let secs = time / 1_000_000;
+    let secs = (time / 1_000_000) as u32;
     let frac = time % 1_000_000;
-    out.push(' ');
-    push_padded(out, (secs / 3600) as u64, 2);
-    out.push(':');
-    push_padded(out, (secs / 60 % 60) as u64, 2);
-    out.push(':');
-    push_padded(out, (secs % 60) as u64, 2);
+    let [h1, h2] = two_digits(secs / 3600);
+    let [m1, m2] = two_digits(secs / 60 % 60);
+    let [s1, s2] = two_digits(secs % 60);
+    out.push_ascii(&[b' ', h1, h2, b':', m1, m2, b':', s1, s2]);
     if frac != 0 {
         // Six digits without their trailing zeros.
         let (mut frac, mut width) = (frac as u64, 6);
@@ -477,6 +517,35 @@ mod tests {
         assert_eq!(s(|o| write_date(-36_465, o)), "1900-03-01");
         // Years past 9999 get more digits.
         assert_eq!(s(|o| write_date(2_922_000, o)), "10000-03-01");
+    }
+
+    #[test]
+    fn the_remembered_day_is_only_the_day_it_was() {
+        // Every day from 1 BC to 10001, each written between two others, against the calendar walked one day
+        // at a time: the cache of the last day written never answers for another day.
+        let civil = |d: i64| {
+            let (y, m, day) = civil_from_days(d + PG_EPOCH_DAYS_FROM_UNIX);
+            let shown = if y <= 0 {
+                format!("{:04}", 1 - y)
+            } else {
+                format!("{y:04}")
+            };
+            format!("{shown}-{m:02}-{day:02}{}", if y <= 0 { " BC" } else { "" })
+        };
+        for day in (-730_500i32..2_922_500).step_by(97) {
+            for d in [day, day + 1, day, day, day - 1] {
+                assert_eq!(s(|o| write_date(d, o)), civil(i64::from(d)), "day {d}");
+            }
+            let us = i64::from(day) * USECS_PER_DAY + 45_296_000_001;
+            let ts = s(|o| write_timestamp(us, true, o));
+            assert_eq!(ts, {
+                let date = civil(i64::from(day));
+                match date.strip_suffix(" BC") {
+                    Some(bc) => format!("{bc} 12:34:56.000001+00 BC"),
+                    None => format!("{date} 12:34:56.000001+00"),
+                }
+            });
+        }
     }
 
     #[test]

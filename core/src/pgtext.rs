@@ -521,8 +521,8 @@ mod tests {
 
     #[test]
     fn the_remembered_day_is_only_the_day_it_was() {
-        // Every day from 1 BC to 10001, each written between two others, against the calendar walked one day
-        // at a time: the cache of the last day written never answers for another day.
+        // Every 97th day from 2 BC to 10001, written between its neighbours and twice in a row, against a plain
+        // formatting of the calendar: the cache of the last day written never answers for another day.
         let civil = |d: i64| {
             let (y, m, day) = civil_from_days(d + PG_EPOCH_DAYS_FROM_UNIX);
             let shown = if y <= 0 {

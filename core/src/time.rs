@@ -60,6 +60,7 @@ fn push_padded(out: &mut Vec<u8>, value: i64, width: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pgtext::civil_from_days;
 
     #[test]
     fn formats_known_instants() {
@@ -81,7 +82,6 @@ mod tests {
     #[test]
     fn every_day_round_trips_through_the_calendar() {
         // Walk 1900..2200 day by day and check the date only ever moves forward by one day.
-        let civil_from_days = crate::pgtext::civil_from_days;
         let mut prev = civil_from_days(-25_567);
         assert_eq!(prev, (1900, 1, 1));
         for day in -25_566..84_000 {

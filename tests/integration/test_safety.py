@@ -504,7 +504,6 @@ def test_a_fast_shutdown_is_not_held_up_by_a_synchronous_standby_that_is_gone():
     WARNING: committed locally, maybe not replicated) and the server stops in seconds; before, the worker waited
     on and pg_ctl gave up after a minute."""
     cluster = ExtraCluster("test-cluster-syncgone", extra_port("syncgone"), "synchronous_standby_names = 'nobody'")
-    stopped = None
     try:
         with cluster.connect() as c:
             c.execute("SET synchronous_commit = local")   # this session does not wait for the standby
